@@ -1,0 +1,1 @@
+"""The prosumer process: asyncio + MQTT shell around the sans-IO protocol cores."""

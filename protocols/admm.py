@@ -1,0 +1,492 @@
+"""Bilateral consensus ADMM market, one sans-IO core per peer.
+
+Theory of operation
+-------------------
+Sorin, Bobo & Pinson, "Consensus-based approach to peer-to-peer electricity markets
+with product differentiation", IEEE Trans. Power Systems 34(2), 2019.
+
+Peer i trades t_ij [kWh] with each neighbour j (t_ij > 0: i imports from j); the
+reciprocity constraint t_ij + t_ji = 0 carries one multiplier λ_ij per direction,
+which is the trade's price [currency/kWh]. Iteration k → k+1 at peer i:
+
+    local step   t_i^{k+1} = argmin C_i(y) + grid_i(g) + Σ_j (w_ij/2)|t_ij|
+                              + Σ_j [ λ_ij t_ij + ρ_ij/2 (t_ij − z_ij^k)² ]
+                 s.t. y = Σ_j t_ij + g,  y ∈ [min, max],  sign(t_ij) per role,
+                 with z_ij^k = (t_ij^k − t_ji^k)/2
+    price step   λ_ij ← λ_ij + ρ_ij/2 (t_ij^{k+1} + t_ji^{k+1})
+
+DESIGN.md counts imports as positive, so λ enters the local step with a plus sign and
+the price step adds the imbalance (Sorin et al. count injections as positive and write
+both with the opposite sign; the iterates are the same). The local step is solved
+exactly with no solver: every variable is a monotone piecewise-linear function of the
+peer's balance price p (soft-threshold for fees, clipping for roles and limits, steps
+for linear costs and the grid tariff), so the root of the balance
+Σ_j t_ij(p) + g(p) − y(p) = 0 is found among the breakpoints and interpolated.
+
+Penalty adaptation, per link (residual balancing, Boyd et al. 2011 §3.4.1): with
+r = t_ij + t_ji and s = ρ_ij |z_ij^{k+1} − z_ij^k|, ρ_ij doubles when |r| > 10 s and
+halves when s > 10 |r|, kept within ρ₀·[10⁻³, 10³]. Both ends see the same two floats (t_ij, t_ji), and IEEE
+addition and subtraction are (anti)symmetric, so λ_ij and ρ_ij stay bit-identical at
+both ends and budget balance is exact.
+
+Stopping, with no coordinator: peer i is locally converged at round k when
+    Σ_j |t_ij + t_ji|           ≤ ε_abs + ε_rel · Σ_j |z_ij|     (its share of imbalance)
+    Σ_j ρ_ij |z_ij^k − z_ij^{k−1}| ≤ ε_abs + ε_rel · Σ_j |λ_ij|  (dual residual, price)
+Each round message carries a window of AND-votes; after D rounds (D = diameter of the
+public link graph) every peer knows whether *all* peers were converged at round k − D.
+All peers therefore stop on the same round, or all at ``max_iterations``. Summed over
+peers the first condition bounds the community's total imbalance by
+ε_rel · (2 × traded energy) + N·ε_abs, a bound on energy, not a sum of squares.
+
+Late messages: a round waits for every neighbour. After ``round_timeout_s`` without
+progress a peer re-publishes its last two round messages; a peer that receives an old
+round again from a neighbour takes it as "still waiting" and re-publishes too. After
+``neighbour_timeout_s`` without progress the session fails, naming the silent peers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from wattmesh.protocols.errors import ProtocolError, StaleRoundError
+from wattmesh.protocols.scenario import PeerSpec, PublicScenario
+from wattmesh.protocols.wire import Envelope
+
+__all__ = [
+    "ROUND_TYPE",
+    "AdmmPeer",
+    "AdmmSettings",
+    "LocalSolution",
+    "Outgoing",
+    "PeerOutcome",
+    "solve_local_step",
+]
+
+ROUND_TYPE = "admm.round"
+_Array = NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmmSettings:
+    """``[market.admm]`` of a scenario. Prices in currency/kWh, ρ in currency/kWh²."""
+
+    rho: float = 0.1
+    eps_rel: float = 1e-4
+    eps_abs: float = 1e-6
+    max_iterations: int = 2000
+    adapt_rho: bool = True
+    adapt_until: int = 500  # fixed ρ afterwards: the classical convergence proof applies
+    initial_price: float | None = None  # default: mid grid tariff, else 0
+    round_timeout_s: float = 2.0
+    neighbour_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        positive = ("rho", "eps_rel", "round_timeout_s", "neighbour_timeout_s")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.eps_abs < 0 or self.max_iterations < 1 or self.adapt_until < 0:
+            raise ValueError("eps_abs >= 0, max_iterations >= 1, adapt_until >= 0 required")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> AdmmSettings:
+        """Build from a TOML table; unknown keys and wrong types raise ``ValueError``."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"unknown setting {key!r} (allowed: {', '.join(known)})")
+            default = known[key].default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"setting {key!r} has the wrong type ({type(value).__name__})")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message the shell must sign and publish.
+
+    ``channel`` is ``"market"`` (the sender's own market topic, read by its
+    neighbours) or ``"report"`` (the session's report topic).
+    """
+
+    channel: str
+    type: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSolution:
+    """Solution of one local step: trades [kWh], grid import [kWh], net demand [kWh]."""
+
+    trades: _Array
+    grid_import: float
+    net_demand: float
+    balance_price: float
+
+
+def _soft_threshold(u: _Array, kappa: _Array) -> _Array:
+    result: _Array = np.sign(u) * np.maximum(np.abs(u) - kappa, 0.0)
+    return result
+
+
+def solve_local_step(
+    spec: PeerSpec,
+    grid: tuple[float, float] | None,
+    center: _Array,
+    price: _Array,
+    rho: _Array,
+    half_fee: _Array,
+    lower: _Array,
+    upper: _Array,
+) -> LocalSolution:
+    """Exact local step of bilateral ADMM, no solver.
+
+    Solves  min C(y) + grid(g) + Σ_j [half_fee_j |t_j| + price_j t_j + rho_j/2 (t_j − center_j)²]
+    s.t. y = Σ_j t_j + g, y ∈ [min, max], t_j ∈ [lower_j, upper_j].
+
+    With p the balance multiplier (the peer's marginal value of energy):
+        t_j(p) = clip(S(center_j + (p − price_j)/rho_j, half_fee_j/rho_j), lower_j, upper_j)
+        y(p)   = clip((−p − b)/a, min, max)             (a step at p = −b when a = 0)
+        g(p)   = 0 on (sell, buy), any sign-compatible value at a tariff
+    F(p) = Σ t_j(p) + g(p) − y(p) is monotone; its root is found among the sorted
+    breakpoints and, between two of them, by linear interpolation.
+
+    Args:
+        spec: the peer's private model.
+        grid: (buy_price, sell_price) or None.
+        center, price, rho, half_fee, lower, upper: per-neighbour arrays.
+    """
+    a, b = spec.cost_quadratic, spec.cost_linear
+    ymin, ymax = spec.min_kwh, spec.max_kwh
+    kappa = half_fee / rho
+
+    def trades_at(p: _Array) -> _Array:  # p: shape (m,) -> (m, n)
+        u = center[None, :] + (p[:, None] - price[None, :]) / rho[None, :]
+        clipped: _Array = np.clip(_soft_threshold(u, kappa[None, :]), lower, upper)
+        return clipped
+
+    def demand_limits(p: _Array) -> tuple[_Array, _Array]:  # left and right limits of y(p)
+        if a > 0:
+            y = np.clip((-p - b) / a, ymin, ymax)
+            return y, y
+        step = -b
+        left = np.where(p <= step, ymax, ymin)
+        right = np.where(p < step, ymax, ymin)
+        return left, right
+
+    points = [price + rho * (kappa - center), price + rho * (-kappa - center)]
+    points.append(np.array([-b - a * ymax, -b - a * ymin] if a > 0 else [-b]))
+    candidates = np.unique(np.concatenate(points))
+    if grid is not None:
+        buy, sell = grid
+        candidates = np.unique(np.concatenate([candidates[(candidates > sell) & (candidates < buy)], [sell, buy]]))
+    sum_t = trades_at(candidates).sum(axis=1)
+    y_left, y_right = demand_limits(candidates)
+    # F's limits from the left and from the right of each candidate (y enters negatively)
+    f_left = sum_t - y_left
+    f_right = sum_t - y_right
+    if grid is not None:
+        f_left = np.where(candidates == sell, -np.inf, f_left)
+        f_right = np.where(candidates == buy, np.inf, f_right)
+
+    above = np.nonzero(f_right >= 0.0)[0]
+    if above.size and f_left[above[0]] <= 0.0:
+        p_star = float(candidates[above[0]])
+    elif above.size and above[0] > 0:
+        m = above[0]
+        p0, p1 = candidates[m - 1], candidates[m]
+        f0, f1 = f_right[m - 1], f_left[m]
+        p_star = float(p0 + (p1 - p0) * (-f0) / (f1 - f0))
+    elif above.size:  # root lies left of every breakpoint: linear there in free trades
+        slope = float(np.sum(1.0 / rho[np.isneginf(lower)]))
+        p_star = float(candidates[0] - f_left[0] / slope) if slope > 0 else float(candidates[0])
+    else:  # root lies right of every breakpoint
+        slope = float(np.sum(1.0 / rho[np.isposinf(upper)]))
+        p_star = float(candidates[-1] - f_right[-1] / slope) if slope > 0 else float(candidates[-1])
+
+    trades = trades_at(np.array([p_star]))[0]
+    traded = float(trades.sum())
+    if a > 0:
+        net = float(np.clip((-p_star - b) / a, ymin, ymax))
+    elif p_star < -b:
+        net = ymax
+    elif p_star > -b:
+        net = ymin
+    else:  # linear cost exactly at its marginal value: any y works; prefer no grid
+        net = min(max(traded, ymin), ymax)
+    if grid is None:
+        net = traded  # equal up to rounding; keep the local balance exact
+        grid_import = 0.0
+    else:
+        grid_import = net - traded
+    return LocalSolution(trades, grid_import, net, p_star)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOutcome:
+    """What a peer reports when the market has cleared (all values signed by it)."""
+
+    peer_id: str
+    converged: bool
+    iterations: int
+    net_demand: float
+    community_import: float
+    grid_import: float
+    payment: float
+    cost: float
+    trades: Mapping[str, tuple[float, float]]  # neighbour -> (import kWh, price)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "converged": self.converged,
+            "iterations": self.iterations,
+            "net_demand": self.net_demand,
+            "community_import": self.community_import,
+            "grid_import": self.grid_import,
+            "payment": self.payment,
+            "cost": self.cost,
+            "trades": {j: [kwh, price] for j, (kwh, price) in self.trades.items()},
+        }
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Round messages received ahead of use: round -> neighbour -> body."""
+
+    by_round: dict[int, dict[str, Mapping[str, Any]]] = field(default_factory=dict)
+
+
+class AdmmPeer:
+    """The ADMM state machine of one peer.
+
+    Drive it with :meth:`start`, :meth:`receive` and :meth:`on_timer`; each returns the
+    messages to publish. It never reads a clock: ``now`` [s] is always an argument.
+    """
+
+    def __init__(self, spec: PeerSpec, public: PublicScenario, horizon: int) -> None:
+        """
+        Args:
+            spec: this peer's private model.
+            public: the session's public scenario (links, fees, tariff, settings).
+            horizon: rounds a convergence vote needs to reach every peer; the diameter
+                of the public link graph (or any larger number).
+        """
+        self.peer_id = spec.id
+        self.spec = spec
+        self.settings = AdmmSettings.from_mapping(public.settings)
+        self.neighbours: tuple[str, ...] = tuple(public.links[spec.id])
+        self.horizon = horizon
+        n = len(self.neighbours)
+        self._slot = {j: i for i, j in enumerate(self.neighbours)}
+        grid = public.grid
+        self._grid = None if grid is None else (grid.buy_price, grid.sell_price)
+        initial = self.settings.initial_price
+        if initial is None:
+            initial = 0.0 if grid is None else 0.5 * (grid.buy_price + grid.sell_price)
+        self._half_fee = np.array([0.5 * public.fee(spec.id, j) for j in self.neighbours])
+        self._lower = np.full(n, -np.inf if spec.role != "buyer" else 0.0)
+        self._upper = np.full(n, np.inf if spec.role != "seller" else 0.0)
+        self.price = np.full(n, float(initial))
+        self.rho = np.full(n, self.settings.rho)
+        self.center = np.zeros(n)  # z_ij^k
+        self.round = 0  # the round whose own trades have been sent
+        self.trades = np.zeros(n)
+        self._solution: LocalSolution | None = None
+        self._votes: dict[int, bool] = {}
+        self._pending = _Pending()
+        self._sent: dict[int, Outgoing] = {}
+        self._last_progress = 0.0
+        self._last_resend = -math.inf
+        self.outcome: PeerOutcome | None = None
+        self.failure: str | None = None
+        self.primal_residual = math.inf
+        self.dual_residual = math.inf
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None or self.failure is not None
+
+    def start(self, now: float) -> list[Outgoing]:
+        """First local step from zero trades; returns the round-1 message."""
+        if self.round != 0:
+            raise RuntimeError("start() called twice")
+        self._last_progress = now
+        if not self.neighbours:  # nobody to trade with: the grid alone settles it
+            self._solve()
+            return self._finish(converged=True)
+        return self._advance()
+
+    def receive(self, envelope: Envelope, now: float) -> list[Outgoing]:
+        """Take a verified round message from a neighbour.
+
+        Raises:
+            ProtocolError: not a neighbour, wrong type, or a malformed body.
+            StaleRoundError: a round more than one ahead (an honest peer never does this).
+        """
+        if envelope.type != ROUND_TYPE:
+            raise ProtocolError(f"unexpected message type {envelope.type!r}", peer_id=envelope.sender)
+        sender = envelope.sender
+        if sender not in self._slot:
+            raise ProtocolError("sender is not my neighbour", peer_id=sender)
+        body = envelope.body
+        k = body.get("k")
+        trade = body.get("t", {}).get(self.peer_id) if isinstance(body.get("t"), dict) else None
+        votes = body.get("votes")
+        if (
+            not isinstance(k, int) or k < 1 or not isinstance(trade, float | int)
+            or not isinstance(votes, list) or not all(isinstance(v, bool) for v in votes)
+            or not isinstance(body.get("v0"), int)
+        ):  # fmt: skip
+            raise ProtocolError("malformed admm.round body", peer_id=sender)
+        if self.done or k <= self.round - 1 or (k == self.round and sender in self._received(k) and not self.done):
+            # an old round again: the neighbour is still waiting for us
+            return self._resend(now)
+        if k > self.round + 1:
+            raise StaleRoundError(f"round {k} while at {self.round}", peer_id=sender, round=k)
+        self._pending.by_round.setdefault(k, {})[sender] = body
+        out: list[Outgoing] = []
+        while not self.done and len(self._received(self.round)) == len(self.neighbours):
+            self._last_progress = now
+            out += self._complete_round()
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` wants to be called next [s], or None when finished."""
+        if self.done:
+            return None
+        return min(
+            self._last_progress + self.settings.neighbour_timeout_s,
+            max(self._last_progress, self._last_resend) + self.settings.round_timeout_s,
+        )
+
+    def on_timer(self, now: float) -> list[Outgoing]:
+        """Re-publish on a late round; fail the session on a silent neighbour."""
+        if self.done:
+            return []
+        if now >= self._last_progress + self.settings.neighbour_timeout_s:
+            silent = sorted(set(self.neighbours) - set(self._received(self.round)))
+            self.failure = (
+                f"no round-{self.round} message from {', '.join(silent)} "
+                f"within {self.settings.neighbour_timeout_s:g} s"
+            )
+            return []
+        if now >= max(self._last_progress, self._last_resend) + self.settings.round_timeout_s:
+            return self._resend(now)
+        return []
+
+    # ------------------------------------------------------------------ internals
+    def _received(self, k: int) -> dict[str, Mapping[str, Any]]:
+        return self._pending.by_round.get(k, {})
+
+    def _resend(self, now: float) -> list[Outgoing]:
+        if now - self._last_resend < self.settings.round_timeout_s / 2:
+            return []  # at most one burst per half timeout
+        self._last_resend = now
+        return [self._sent[k] for k in (self.round - 1, self.round) if k in self._sent]
+
+    def _solve(self) -> None:
+        self._solution = solve_local_step(
+            self.spec, self._grid, self.center, self.price, self.rho,
+            self._half_fee, self._lower, self._upper,
+        )  # fmt: skip
+        self.trades = self._solution.trades
+
+    def _advance(self) -> list[Outgoing]:
+        """Local step for the next round and its message."""
+        self._solve()
+        self.round += 1
+        k = self.round
+        first_vote = max(1, k - self.horizon)
+        message = Outgoing(
+            "market",
+            ROUND_TYPE,
+            {
+                "k": k,
+                "t": {j: float(self.trades[i]) for i, j in enumerate(self.neighbours)},
+                "v0": first_vote,
+                "votes": [self._votes.get(v, False) for v in range(first_vote, k)],
+            },
+        )
+        self._sent[k] = message
+        self._sent.pop(k - 3, None)
+        return [message]
+
+    def _complete_round(self) -> list[Outgoing]:
+        """All neighbours' round-k trades are here: prices, residuals, votes, ρ, next step."""
+        k = self.round
+        bodies = self._pending.by_round.pop(k)
+        theirs = np.array([float(bodies[j]["t"][self.peer_id]) for j in self.neighbours])
+        mine = self.trades
+        imbalance = mine + theirs
+        center = (mine - theirs) / 2.0
+        change = np.abs(center - self.center)
+        self.price = self.price + self.rho / 2.0 * imbalance
+        eps_abs, eps_rel = self.settings.eps_abs, self.settings.eps_rel
+        self.primal_residual = float(np.abs(imbalance).sum())
+        self.dual_residual = float((self.rho * change).sum())
+        converged = (
+            self.primal_residual <= eps_abs + eps_rel * float(np.abs(center).sum())
+            and self.dual_residual <= eps_abs + eps_rel * float(np.abs(self.price).sum())
+        )
+        self._votes[k] = converged
+        for body in bodies.values():
+            start = body["v0"]
+            for offset, vote in enumerate(body["votes"]):
+                r = start + offset
+                if r in self._votes:
+                    self._votes[r] = self._votes[r] and vote
+        for old in [r for r in self._votes if r < k - self.horizon]:
+            del self._votes[old]
+        if self.settings.adapt_rho and k <= self.settings.adapt_until:
+            s = self.rho * change
+            r = np.abs(imbalance)
+            rho = np.where(r > 10 * s, self.rho * 2.0, np.where(s > 10 * r, self.rho / 2.0, self.rho))
+            # bounded: on a link stuck in a fee's dead zone s/r never balances and an
+            # unbounded ρ would halve into denormals
+            self.rho = np.clip(rho, self.settings.rho * 1e-3, self.settings.rho * 1e3)
+        self.center = center
+        decided = k - self.horizon
+        if decided >= 1 and self._votes.get(decided, False):
+            return self._finish(converged=True)
+        if k >= self.settings.max_iterations:
+            return self._finish(converged=False)
+        return self._advance()
+
+    def _finish(self, *, converged: bool) -> list[Outgoing]:
+        """Fix every trade at its consensus value z_ij and price λ_ij; report."""
+        assert self._solution is not None
+        fixed = self.center
+        community_import = float(fixed.sum())
+        if self._grid is None:
+            net, grid_import = community_import, 0.0
+        else:
+            net = self._solution.net_demand
+            grid_import = net - community_import
+        payment = float((self.price * fixed).sum())
+        fees = float((self._half_fee * np.abs(fixed)).sum())
+        grid_cost = 0.0
+        if self._grid is not None:
+            buy, sell = self._grid
+            grid_cost = buy * max(grid_import, 0.0) - sell * max(-grid_import, 0.0)
+        cost = self.spec.cost(net) + grid_cost + payment + fees
+        self.outcome = PeerOutcome(
+            self.peer_id, converged, self.round, net, community_import, grid_import,
+            payment, cost,
+            {j: (float(fixed[i]), float(self.price[i])) for i, j in enumerate(self.neighbours)},
+        )  # fmt: skip
+        return [Outgoing("report", "admm.report", self.outcome.to_body())]
