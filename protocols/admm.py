@@ -66,6 +66,7 @@ __all__ = [
     "Outgoing",
     "PeerOutcome",
     "solve_local_step",
+    "standalone_cost",
 ]
 
 ROUND_TYPE = "admm.round"
@@ -236,6 +237,20 @@ def solve_local_step(
     return LocalSolution(trades, grid_import, net, p_star)
 
 
+def standalone_cost(spec: PeerSpec, grid: tuple[float, float] | None) -> float | None:
+    """A peer's cost with no community trades: min C(y) + grid(y); without a grid y = 0.
+
+    The "grid only" baseline each peer reports next to its market cost.
+    """
+    if grid is None:
+        return spec.cost(0.0) if spec.min_kwh <= 0.0 <= spec.max_kwh else None
+    empty = np.zeros(0)
+    alone = solve_local_step(spec, grid, empty, empty, empty, empty, empty, empty)
+    buy, sell = grid
+    g = alone.net_demand
+    return spec.cost(g) + (buy * g if g > 0 else sell * g)
+
+
 @dataclass(frozen=True, slots=True)
 class PeerOutcome:
     """What a peer reports when the market has cleared (all values signed by it)."""
@@ -248,6 +263,7 @@ class PeerOutcome:
     grid_import: float
     payment: float
     cost: float
+    grid_only_cost: float | None  # its cost trading with nobody (None: no feasible point)
     trades: Mapping[str, tuple[float, float]]  # neighbour -> (import kWh, price)
 
     def to_body(self) -> dict[str, Any]:
@@ -259,6 +275,7 @@ class PeerOutcome:
             "grid_import": self.grid_import,
             "payment": self.payment,
             "cost": self.cost,
+            "grid_only_cost": self.grid_only_cost,
             "trades": {j: [kwh, price] for j, (kwh, price) in self.trades.items()},
         }
 
@@ -486,7 +503,7 @@ class AdmmPeer:
         cost = self.spec.cost(net) + grid_cost + payment + fees
         self.outcome = PeerOutcome(
             self.peer_id, converged, self.round, net, community_import, grid_import,
-            payment, cost,
+            payment, cost, standalone_cost(self.spec, self._grid),
             {j: (float(fixed[i]), float(self.price[i])) for i, j in enumerate(self.neighbours)},
         )  # fmt: skip
         return [Outgoing("report", "admm.report", self.outcome.to_body())]

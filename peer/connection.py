@@ -1,0 +1,309 @@
+"""One peer's MQTT connection: signed publish, verified receive, presence, drop counters.
+
+Topic layout (docs/wire.md "Topics")::
+
+    wattmesh/v1/<community>/presence/<peer>   retained birth; the Last Will says offline
+    wattmesh/v1/<community>/inbox/<peer>      directed messages to <peer>
+    wattmesh/v1/<community>/market/<peer>     <peer>'s round messages, read by neighbours
+    wattmesh/v1/<community>/broadcast         community-wide messages
+    wattmesh/v1/<community>/telemetry/<peer>  per-round status for monitors
+    wattmesh/v1/<community>/report/<peer>     <peer>'s signed final report of a session
+
+Each channel has its own :class:`~wattmesh.protocols.wire.Verifier`, because MQTT
+orders messages per topic only; a sender's sequence numbers rise across all its
+messages, so they also rise within each channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from wattmesh.protocols.errors import ProtocolError, WattmeshError
+from wattmesh.protocols.identity import Roster
+from wattmesh.protocols.wire import Envelope, Verifier, encode
+
+from wattmesh.peer.sequence import SequenceStore
+
+__all__ = ["CHANNELS", "BrokerConnectionError", "Incoming", "PeerConnection", "Topics", "parse_url"]
+
+logger = logging.getLogger(__name__)
+
+CHANNELS = ("presence", "inbox", "market", "broadcast", "telemetry", "report")
+_QOS = {"presence": 1, "inbox": 1, "market": 1, "broadcast": 1, "telemetry": 0, "report": 1}
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Nagle costs ~40 ms per round trip
+
+
+class BrokerConnectionError(WattmeshError):
+    """The broker could not be reached or dropped the connection."""
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``mqtt://host:port`` (or ``host:port``) -> (host, port)."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+        raise ValueError(f"broker URL {url!r} must look like mqtt://host:port")
+    return parts.hostname, parts.port or 1883
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names of one community."""
+
+    community: str
+
+    @property
+    def root(self) -> str:
+        return f"wattmesh/v1/{self.community}"
+
+    def of(self, channel: str, peer_id: str | None = None) -> str:
+        if channel == "broadcast":
+            return f"{self.root}/broadcast"
+        if channel not in CHANNELS or peer_id is None:
+            raise ValueError(f"channel {channel!r} needs a peer id")
+        return f"{self.root}/{channel}/{peer_id}"
+
+    def parse(self, topic: str) -> tuple[str, str | None]:
+        """topic -> (channel, peer id in the topic or None for broadcast)."""
+        parts = topic.split("/")
+        if parts[:3] != ["wattmesh", "v1", self.community]:
+            raise ValueError(topic)
+        if parts[3:] == ["broadcast"]:
+            return "broadcast", None
+        if len(parts) == 5 and parts[3] in CHANNELS:
+            return parts[3], parts[4]
+        raise ValueError(topic)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A verified message and the channel it arrived on."""
+
+    channel: str
+    envelope: Envelope
+
+
+@dataclass(slots=True)
+class _Presence:
+    online: dict[str, bool] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class PeerConnection:
+    """An async context manager owning one MQTT connection of one peer.
+
+    On enter it connects with a signed Last Will (offline) registered and
+    subscribes to its own inbox; :meth:`announce` publishes the retained birth once
+    every other subscription is in place, so whoever sees a peer online knows it is
+    listening. Incoming frames are verified per channel; every refused frame is
+    counted in :attr:`drops` by reason and logged once per (reason, sender).
+    """
+
+    def __init__(
+        self,
+        peer_id: str,
+        key: Ed25519PrivateKey,
+        roster: Roster,
+        *,
+        community: str,
+        session: str,
+        url: str,
+        sequence: SequenceStore | None = None,
+        clock: Any = time.time,
+    ) -> None:
+        self.peer_id = peer_id
+        self.session = session
+        self.community = community
+        self.topics = Topics(community)
+        self._key = key
+        self._roster = roster
+        self._host, self._port = parse_url(url)
+        self._sequence = sequence or SequenceStore(None)
+        self._clock = clock
+        self._verifiers = {
+            ch: Verifier(roster, community, None if ch == "presence" else session) for ch in CHANNELS
+        }
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._presence = _Presence()
+        self._logged: set[tuple[str, str | None]] = set()
+        self.drops: Counter[str] = Counter()
+        self.published = 0
+        self.bytes_published = 0
+        self.received = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> PeerConnection:
+        # The birth is published after connecting but takes the lower number, so on the
+        # presence topic birth < will < any later goodbye, as replay protection needs.
+        self._birth_seq = self._sequence.next()
+        will_frame = self._frame("presence", {"online": False}, seq=self._sequence.next())
+        self._client = aiomqtt.Client(
+            self._host,
+            self._port,
+            identifier=f"wm-{self.community}-{self.peer_id}",
+            will=aiomqtt.Will(self.topics.of("presence", self.peer_id), will_frame, qos=1, retain=True),
+            clean_session=True,
+            socket_options=[_NODELAY],
+            keepalive=30,
+            timeout=10,
+        )
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise BrokerConnectionError(f"cannot connect to mqtt://{self._host}:{self._port}: {exc}") from None
+        await self._client.subscribe(self.topics.of("inbox", self.peer_id), qos=1)
+        self._reader = asyncio.create_task(self._read(), name=f"reader-{self.peer_id}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                # a clean goodbye: the broker discards the Will, so say offline ourselves
+                await self.publish("presence", "presence", {"online": False}, retain=True)
+            with contextlib.suppress(Exception):
+                await self._client.__aexit__(None, None, None)
+
+    # ------------------------------------------------------------------ sending
+    def _frame(self, type: str, body: Mapping[str, Any], *, seq: int) -> bytes:
+        envelope = Envelope(
+            type, self.peer_id, self.community, self.session, seq, int(self._clock() * 1000), body
+        )
+        return encode(envelope, self._key)
+
+    async def publish(
+        self, channel: str, type: str, body: Mapping[str, Any], *, retain: bool = False, to: str | None = None
+    ) -> None:
+        """Sign and publish a message on one of this peer's channels.
+
+        Args:
+            channel: one of :data:`CHANNELS`; ``inbox`` needs ``to``.
+            type: message type, e.g. ``admm.round``.
+            body: the mechanism's map.
+            retain: ask the broker to keep it for late subscribers.
+            to: recipient peer id, for ``inbox`` only.
+        """
+        assert self._client is not None, "publish() outside the context manager"
+        frame = self._frame(type, body, seq=self._sequence.next())
+        topic = self.topics.of(channel, to if channel == "inbox" else self.peer_id)
+        try:
+            await self._client.publish(topic, frame, qos=_QOS[channel], retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise BrokerConnectionError(f"publish on {topic} failed: {exc}") from None
+        self.published += 1
+        self.bytes_published += len(frame)
+
+    async def announce(self) -> None:
+        """Publish the retained birth; call after every subscription is in place."""
+        assert self._client is not None
+        frame = self._frame("presence", {"online": True}, seq=self._birth_seq)
+        await self._client.publish(self.topics.of("presence", self.peer_id), frame, qos=1, retain=True)
+        self.published += 1
+        self.bytes_published += len(frame)
+
+    # ------------------------------------------------------------------ receiving
+    async def subscribe(self, channel: str, peers: Iterable[str | None]) -> None:
+        """Subscribe to ``channel`` of each peer (``None`` for broadcast)."""
+        assert self._client is not None
+        topics = [(self.topics.of(channel, p), _QOS[channel]) for p in peers]
+        if topics:
+            await self._client.subscribe(topics)
+
+    async def receive(self, timeout: float | None = None) -> Incoming:
+        """Next verified non-presence message.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            BrokerConnectionError: the connection is gone.
+        """
+        if self._reader is not None and self._reader.done():
+            raise BrokerConnectionError("connection to the broker was lost")
+        getter = asyncio.ensure_future(self._inbox.get())
+        assert self._reader is not None
+        done, _ = await asyncio.wait({getter, self._reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self._reader in done:
+            raise BrokerConnectionError("connection to the broker was lost")
+        raise TimeoutError
+
+    @property
+    def pending(self) -> int:
+        """Verified messages waiting to be read."""
+        return self._inbox.qsize()
+
+    def online(self, peer_id: str) -> bool:
+        """Whether the last verified presence frame of ``peer_id`` said online."""
+        return self._presence.online.get(peer_id, False)
+
+    async def wait_online(self, peers: Iterable[str], timeout: float) -> None:
+        """Wait until every peer in ``peers`` is online (their births arrived).
+
+        Raises:
+            TimeoutError: naming the peers still missing.
+        """
+        wanted = set(peers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while missing := sorted(p for p in wanted if not self.online(p)):
+            self._presence.changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+                raise TimeoutError(f"{len(missing)} peer(s) not online after {timeout:g} s: {shown}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._presence.changed.wait(), remaining)
+
+    async def _read(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                self._drop("malformed", None, "non-binary payload")
+                continue
+            self.received += 1
+            try:
+                channel, topic_peer = self.topics.parse(message.topic.value)
+            except ValueError:
+                self._drop("unexpected_topic", None, message.topic.value)
+                continue
+            try:
+                envelope = self._verifiers[channel].verify(bytes(payload))
+            except ProtocolError as exc:
+                self._drop(exc.reason, exc.peer_id, str(exc))
+                continue
+            if topic_peer is not None and channel != "inbox" and envelope.sender != topic_peer:
+                self._drop("topic_mismatch", envelope.sender, f"published on {message.topic.value}")
+                continue
+            if channel == "presence":
+                self._presence.online[envelope.sender] = bool(envelope.body.get("online"))
+                self._presence.changed.set()
+                continue
+            self._inbox.put_nowait(Incoming(channel, envelope))
+
+    def _drop(self, reason: str, sender: str | None, detail: str) -> None:
+        self.drops[reason] += 1
+        if (reason, sender) not in self._logged:
+            self._logged.add((reason, sender))
+            logger.warning("%s: dropped a frame (%s): %s", self.peer_id, reason, detail)
+

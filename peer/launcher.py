@@ -1,0 +1,181 @@
+"""``wattmesh run``: launch every peer of a scenario on this host and collect the result.
+
+The launcher is a convenience, not a market participant: it starts a broker if asked,
+gives each peer process its key and *only its own* private parameters (on stdin),
+then listens as an observer for the peers' signed reports and writes them, aggregated,
+to the result file. It never computes a market outcome itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wattmesh.broker import start_broker
+from wattmesh.protocols.errors import ScenarioError, WattmeshError
+from wattmesh.protocols.result import aggregate_reports
+from wattmesh.protocols.scenario import Scenario, parse_scenario
+from wattmesh.protocols.topology import diameter
+
+from wattmesh.peer.connection import PeerConnection
+from wattmesh.peer.keys import generate_key, write_roster
+from wattmesh.peer.market import FAILED_TYPE, PeerJob
+
+__all__ = ["RunError", "RunOptions", "load_scenario", "run_scenario"]
+
+OBSERVER_ID = "run-observer"
+
+
+class RunError(WattmeshError):
+    """A run could not complete (peers failed, timed out, or crashed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How to run a scenario.
+
+    Attributes:
+        broker: ``auto``, ``embedded``, ``mosquitto`` or an ``mqtt://host:port`` URL.
+        out: result JSON path; the run's keys, roster and logs go to ``<out stem>.d/``.
+        peers_per_process: K peers per OS process (packed mode).
+        timeout_s: the whole run's deadline.
+        progress: called with one human line per notable event.
+    """
+
+    broker: str = "auto"
+    out: Path = Path("result.json")
+    peers_per_process: int = 1
+    timeout_s: float = 900.0
+    progress: Callable[[str], None] = lambda line: None
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario file (errors name the file)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ScenarioError(str(path), "", f"cannot read ({exc.strerror})") from None
+    return parse_scenario(text, source=str(path))
+
+
+@contextlib.asynccontextmanager
+async def _broker_url(choice: str, progress: Callable[[str], None]) -> AsyncIterator[str]:
+    if "://" in choice:
+        yield choice
+        return
+    async with start_broker(choice) as broker:
+        progress(f"broker: {broker.kind} at {broker.url}")
+        yield broker.url
+
+
+async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any]:
+    """Run every peer of ``scenario`` as OS processes and return the result document.
+
+    Raises:
+        RunError: a peer failed or the run timed out; the message names the peers and
+            where their logs are.
+    """
+    if options.peers_per_process < 1:
+        raise ValueError("peers_per_process must be >= 1")
+    public = scenario.public
+    ids = list(public.peer_ids)
+    observer = OBSERVER_ID if OBSERVER_ID not in ids else f"{OBSERVER_ID}-{secrets.token_hex(2)}"
+    run_dir = options.out.parent / f"{options.out.stem}.d"
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    keys = {pid: generate_key(run_dir / "keys" / f"{pid}.key", overwrite=True) for pid in [*ids, observer]}
+    roster = write_roster(run_dir / "roster.toml", keys)
+    roster_toml = roster.to_toml()
+    session = f"{public.name}-{int(time.time())}-{secrets.token_hex(3)}"
+    horizon = diameter(public.links)
+    groups = [ids[i : i + options.peers_per_process] for i in range(0, len(ids), options.peers_per_process)]
+    start_timeout = max(60.0, 1.5 * len(groups))  # process start-up dominates on 2 cores
+    started = time.monotonic()
+    reports: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+
+    async with _broker_url(options.broker, options.progress) as url:
+        connection = PeerConnection(observer, keys[observer], roster, community=public.name, session=session, url=url)
+        async with connection as conn:
+            await conn.subscribe("report", ids)
+            processes = []
+            for index, group in enumerate(groups):
+                jobs = [
+                    PeerJob(
+                        scenario.peers[pid], public, horizon, run_dir / "keys" / f"{pid}.key",
+                        roster_toml, url, session, run_dir / "state", start_timeout,
+                    ).to_dict()
+                    for pid in group
+                ]  # fmt: skip
+                log = open(run_dir / "logs" / f"worker-{index:04d}.log", "wb")  # noqa: SIM115
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "wattmesh.peer.worker",
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=log,
+                )  # fmt: skip
+                log.close()
+                assert process.stdin is not None
+                process.stdin.write(json.dumps(jobs).encode())
+                await process.stdin.drain()
+                process.stdin.close()
+                processes.append(process)
+            options.progress(f"started {len(ids)} peers in {len(processes)} processes (session {session})")
+            deadline = started + options.timeout_s
+            last_line = 0.0
+            try:
+                while len(reports) + len(failures) < len(ids):
+                    now = time.monotonic()
+                    if now > deadline:
+                        if all(p.returncode is not None for p in processes):
+                            break
+                        raise RunError(f"run timed out after {options.timeout_s:g} s")
+                    if all(p.returncode is not None for p in processes):
+                        # every worker exited: reports still in flight get 2 s to arrive
+                        deadline = min(deadline, now + 2.0)
+                    try:
+                        incoming = await conn.receive(timeout=min(1.0, deadline - now))
+                    except TimeoutError:
+                        continue
+                    envelope = incoming.envelope
+                    if envelope.type == FAILED_TYPE:
+                        failures[envelope.sender] = str(envelope.body.get("reason"))
+                    else:
+                        reports[envelope.sender] = dict(envelope.body)
+                    if time.monotonic() - last_line > 2.0 or len(reports) + len(failures) == len(ids):
+                        last_line = time.monotonic()
+                        options.progress(
+                            f"reports: {len(reports)}/{len(ids)} peers done"
+                            + (f", {len(failures)} failed" if failures else "")
+                        )
+            finally:
+                for process in processes:
+                    if process.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            process.terminate()
+                await asyncio.gather(*(p.wait() for p in processes))
+    wall = time.monotonic() - started
+    if failures:
+        first = sorted(failures.items())[:3]
+        raise RunError(
+            f"{len(failures)} peer(s) failed, e.g. " + "; ".join(f"{p}: {r}" for p, r in first)
+            + f" (logs in {run_dir / 'logs'})"
+        )
+    result = aggregate_reports(public, reports, wall_seconds=round(wall, 3))
+    result["session"] = session
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = options.out.with_name(options.out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(options.out)
+    if result["missing_peers"]:
+        raise RunError(
+            f"{len(result['missing_peers'])} peer(s) never reported, e.g. "
+            f"{', '.join(result['missing_peers'][:5])} (logs in {run_dir / 'logs'})"
+        )
+    return result
+

@@ -1,0 +1,143 @@
+"""Run one peer's market session: the asyncio shell around an :class:`AdmmPeer` core.
+
+The shell owns time (``loop.time()`` is passed to the core as ``now``), the MQTT
+connection and the report; the core owns every decision. Every wait has a deadline:
+peers not online by ``start_timeout_s``, a silent neighbour (the core's
+``neighbour_timeout_s``), neighbours' reports after we finish (the same bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wattmesh.protocols.admm import AdmmPeer, Outgoing
+from wattmesh.protocols.errors import ProtocolError
+from wattmesh.protocols.identity import Roster
+from wattmesh.protocols.scenario import PeerSpec, PublicScenario
+
+from wattmesh.peer.connection import PeerConnection
+from wattmesh.peer.keys import load_private_key
+from wattmesh.peer.sequence import SequenceStore
+
+__all__ = ["PeerJob", "run_peer"]
+
+logger = logging.getLogger(__name__)
+REPORT_TYPE = "admm.report"
+FAILED_TYPE = "session.failed"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerJob:
+    """Everything one peer needs for one session. Only its own ``spec`` is private."""
+
+    spec: PeerSpec
+    public: PublicScenario
+    horizon: int
+    key_path: Path
+    roster_toml: str
+    url: str
+    session: str
+    state_dir: Path | None = None
+    start_timeout_s: float = 60.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(), "public": self.public.to_dict(), "horizon": self.horizon,
+            "key_path": str(self.key_path), "roster_toml": self.roster_toml, "url": self.url,
+            "session": self.session, "state_dir": None if self.state_dir is None else str(self.state_dir),
+            "start_timeout_s": self.start_timeout_s,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PeerJob:
+        return cls(
+            PeerSpec.from_dict(d["spec"]), PublicScenario.from_dict(d["public"]), d["horizon"],
+            Path(d["key_path"]), d["roster_toml"], d["url"], d["session"],
+            None if d["state_dir"] is None else Path(d["state_dir"]), d["start_timeout_s"],
+        )  # fmt: skip
+
+
+async def run_peer(job: PeerJob) -> dict[str, Any]:
+    """Connect, wait for the neighbours, run the market to its end, publish the report.
+
+    Returns:
+        The report body this peer signed and published.
+    """
+    core = AdmmPeer(job.spec, job.public, job.horizon)
+    roster = Roster.from_toml(job.roster_toml)
+    sequence = SequenceStore(None if job.state_dir is None else job.state_dir / f"{job.spec.id}.seq")
+    loop = asyncio.get_running_loop()
+    connection = PeerConnection(
+        job.spec.id, load_private_key(job.key_path), roster,
+        community=job.public.name, session=job.session, url=job.url, sequence=sequence,
+    )  # fmt: skip
+    async with connection as conn:
+        for channel in ("presence", "market", "report"):
+            await conn.subscribe(channel, core.neighbours)
+        await conn.announce()
+        try:
+            await conn.wait_online(core.neighbours, job.start_timeout_s)
+        except TimeoutError as exc:
+            return await _fail(conn, f"start: {exc}")
+        await _send(conn, core.start(loop.time()))
+        finished: set[str] = set()
+        while not core.done:
+            deadline = core.next_deadline()
+            assert deadline is not None
+            try:
+                incoming = await conn.receive(max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                await _send(conn, core.on_timer(loop.time()))
+                continue
+            if incoming.channel == "report":
+                finished.add(incoming.envelope.sender)
+                continue
+            try:
+                outgoing = core.receive(incoming.envelope, loop.time())
+            except ProtocolError as exc:
+                conn.drops[exc.reason] += 1
+                continue
+            await _send(conn, outgoing)
+        if core.failure is not None:
+            return await _fail(conn, core.failure)
+        assert core.outcome is not None
+        report = core.outcome.to_body()
+        report["messages"] = conn.published + 1  # + this report
+        report["bytes"] = conn.bytes_published
+        report["drops"] = dict(conn.drops)
+        await conn.publish("report", REPORT_TYPE, report)
+        # Linger until every neighbour has reported too: one of them may still need a
+        # re-send of our last round. Bounded by the neighbour timeout.
+        linger_until = loop.time() + core.settings.neighbour_timeout_s
+        while finished < set(core.neighbours) and loop.time() < linger_until:
+            try:
+                incoming = await conn.receive(linger_until - loop.time())
+            except TimeoutError:
+                break
+            if incoming.channel == "report":
+                finished.add(incoming.envelope.sender)
+            elif incoming.channel == "market":
+                try:
+                    await _send(conn, core.receive(incoming.envelope, loop.time()))
+                except ProtocolError as exc:
+                    conn.drops[exc.reason] += 1
+        return report
+
+
+async def _send(conn: PeerConnection, items: list[Outgoing]) -> None:
+    for item in items:
+        if item.channel == "market":
+            await conn.publish("market", item.type, item.body)
+        # the core's own report is published by run_peer with the traffic counters
+
+
+async def _fail(conn: PeerConnection, reason: str) -> dict[str, Any]:
+    logger.error("%s: session failed: %s", conn.peer_id, reason)
+    body = {"reason": reason, "drops": dict(conn.drops)}
+    await conn.publish("report", FAILED_TYPE, body)
+    return body
