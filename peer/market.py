@@ -131,8 +131,8 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
 
 async def _send(conn: PeerConnection, items: list[Outgoing]) -> None:
     for item in items:
-        if item.channel == "market":
-            await conn.publish("market", item.type, item.body)
+        if item.channel in ("market", "telemetry"):
+            await conn.publish(item.channel, item.type, item.body)
         # the core's own report is published by run_peer with the traffic counters
 
 

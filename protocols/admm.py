@@ -60,6 +60,7 @@ from wattmesh.protocols.wire import Envelope
 
 __all__ = [
     "ROUND_TYPE",
+    "STATUS_TYPE",
     "AdmmPeer",
     "AdmmSettings",
     "LocalSolution",
@@ -70,6 +71,8 @@ __all__ = [
 ]
 
 ROUND_TYPE = "admm.round"
+STATUS_TYPE = "admm.status"
+"""Per-round telemetry: residuals, price range, net position; no cost parameters."""
 _Array = NDArray[np.float64]
 
 
@@ -121,7 +124,7 @@ class Outgoing:
     """A message the shell must sign and publish.
 
     ``channel`` is ``"market"`` (the sender's own market topic, read by its
-    neighbours) or ``"report"`` (the session's report topic).
+    neighbours), ``"telemetry"`` (per-round status for monitors) or ``"report"``.
     """
 
     channel: str
@@ -477,12 +480,26 @@ class AdmmPeer:
             # unbounded ρ would halve into denormals
             self.rho = np.clip(rho, self.settings.rho * 1e-3, self.settings.rho * 1e3)
         self.center = center
+        status = Outgoing(
+            "telemetry",
+            STATUS_TYPE,
+            {
+                "k": k,
+                "primal": self.primal_residual,
+                "dual": self.dual_residual,
+                "converged": converged,
+                "price_min": float(self.price.min()),
+                "price_max": float(self.price.max()),
+                "community_import": float(center.sum()),
+                "traded": float(np.abs(center).sum()),
+            },
+        )
         decided = k - self.horizon
         if decided >= 1 and self._votes.get(decided, False):
-            return self._finish(converged=True)
+            return [status, *self._finish(converged=True)]
         if k >= self.settings.max_iterations:
-            return self._finish(converged=False)
-        return self._advance()
+            return [status, *self._finish(converged=False)]
+        return [status, *self._advance()]
 
     def _finish(self, *, converged: bool) -> list[Outgoing]:
         """Fix every trade at its consensus value z_ij and price λ_ij; report."""
