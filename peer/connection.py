@@ -118,11 +118,25 @@ class PeerConnection:
         roster: Roster,
         *,
         community: str,
-        session: str,
+        session: str | None,
         url: str,
         sequence: SequenceStore | None = None,
         clock: Any = time.time,
+        read_only: bool = False,
+        max_pending: int = 0,
     ) -> None:
+        """
+        Args:
+            session: the market session whose messages are accepted; ``None`` accepts
+                any session (monitors). A read-only connection needs no session.
+            read_only: an observer (launcher, monitor): no Last Will, no presence,
+                :meth:`publish` refuses.
+            max_pending: bound on verified messages waiting to be read (0: unbounded);
+                beyond it new ones are dropped and counted as ``overflow``, so a slow
+                consumer (a terminal) never makes the connection fall behind.
+        """
+        if session is None and not read_only:
+            raise ValueError("a connection that publishes needs a session")
         self.peer_id = peer_id
         self.session = session
         self.community = community
@@ -137,7 +151,8 @@ class PeerConnection:
         }
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
+        self._read_only = read_only
         self._presence = _Presence()
         self._logged: set[tuple[str, str | None]] = set()
         self.drops: Counter[str] = Counter()
@@ -149,13 +164,16 @@ class PeerConnection:
     async def __aenter__(self) -> PeerConnection:
         # The birth is published after connecting but takes the lower number, so on the
         # presence topic birth < will < any later goodbye, as replay protection needs.
-        self._birth_seq = self._sequence.next()
-        will_frame = self._frame("presence", {"online": False}, seq=self._sequence.next())
+        will = None
+        if not self._read_only:
+            self._birth_seq = self._sequence.next()
+            will_frame = self._frame("presence", {"online": False}, seq=self._sequence.next())
+            will = aiomqtt.Will(self.topics.of("presence", self.peer_id), will_frame, qos=1, retain=True)
         self._client = aiomqtt.Client(
             self._host,
             self._port,
             identifier=f"wm-{self.community}-{self.peer_id}",
-            will=aiomqtt.Will(self.topics.of("presence", self.peer_id), will_frame, qos=1, retain=True),
+            will=will,
             clean_session=True,
             socket_options=[_NODELAY],
             keepalive=30,
@@ -165,6 +183,12 @@ class PeerConnection:
             await self._client.__aenter__()
         except aiomqtt.MqttError as exc:
             raise BrokerConnectionError(f"cannot connect to mqtt://{self._host}:{self._port}: {exc}") from None
+        # aiomqtt 2.5 can set "Unexpected disconnection" (code 128) on its private
+        # disconnect future after a clean DISCONNECT, when nobody awaits it any more;
+        # mark it retrieved so asyncio does not log "Future exception was never retrieved".
+        disconnected = getattr(self._client, "_disconnected", None)
+        if isinstance(disconnected, asyncio.Future):
+            disconnected.add_done_callback(lambda f: f.cancelled() or f.exception())
         await self._client.subscribe(self.topics.of("inbox", self.peer_id), qos=1)
         self._reader = asyncio.create_task(self._read(), name=f"reader-{self.peer_id}")
         return self
@@ -176,7 +200,7 @@ class PeerConnection:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
-        if self._client is not None:
+        if self._client is not None and not self._read_only:
             with contextlib.suppress(Exception):
                 # a clean goodbye: the broker discards the Will, so say offline ourselves
                 await self.publish("presence", "presence", {"online": False}, retain=True)
@@ -185,6 +209,7 @@ class PeerConnection:
 
     # ------------------------------------------------------------------ sending
     def _frame(self, type: str, body: Mapping[str, Any], *, seq: int) -> bytes:
+        assert self.session is not None
         envelope = Envelope(
             type, self.peer_id, self.community, self.session, seq, int(self._clock() * 1000), body
         )
@@ -202,6 +227,8 @@ class PeerConnection:
             retain: ask the broker to keep it for late subscribers.
             to: recipient peer id, for ``inbox`` only.
         """
+        if self._read_only:
+            raise RuntimeError("a read-only connection does not publish")
         assert self._client is not None, "publish() outside the context manager"
         frame = self._frame(type, body, seq=self._sequence.next())
         topic = self.topics.of(channel, to if channel == "inbox" else self.peer_id)
@@ -214,6 +241,8 @@ class PeerConnection:
 
     async def announce(self) -> None:
         """Publish the retained birth; call after every subscription is in place."""
+        if self._read_only:
+            raise RuntimeError("a read-only connection does not announce itself")
         assert self._client is not None
         frame = self._frame("presence", {"online": True}, seq=self._birth_seq)
         await self._client.publish(self.topics.of("presence", self.peer_id), frame, qos=1, retain=True)
@@ -221,6 +250,11 @@ class PeerConnection:
         self.bytes_published += len(frame)
 
     # ------------------------------------------------------------------ receiving
+    async def subscribe_all(self, channel: str) -> None:
+        """Subscribe to ``channel`` of every peer of the community (``+`` wildcard)."""
+        assert self._client is not None
+        await self._client.subscribe(f"{self.topics.root}/{channel}/+", qos=_QOS[channel])
+
     async def subscribe(self, channel: str, peers: Iterable[str | None]) -> None:
         """Subscribe to ``channel`` of each peer (``None`` for broadcast)."""
         assert self._client is not None
@@ -246,6 +280,11 @@ class PeerConnection:
         if self._reader in done:
             raise BrokerConnectionError("connection to the broker was lost")
         raise TimeoutError
+
+    @property
+    def presence(self) -> Mapping[str, bool]:
+        """Peer id -> online, from the latest verified presence frame of each peer."""
+        return self._presence.online
 
     @property
     def pending(self) -> int:
@@ -299,7 +338,10 @@ class PeerConnection:
                 self._presence.online[envelope.sender] = bool(envelope.body.get("online"))
                 self._presence.changed.set()
                 continue
-            self._inbox.put_nowait(Incoming(channel, envelope))
+            try:
+                self._inbox.put_nowait(Incoming(channel, envelope))
+            except asyncio.QueueFull:
+                self.drops["overflow"] += 1
 
     def _drop(self, reason: str, sender: str | None, detail: str) -> None:
         self.drops[reason] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import sys
@@ -21,13 +22,14 @@ from typing import Any
 
 from wattmesh.broker import start_broker
 from wattmesh.protocols.errors import ScenarioError, WattmeshError
+from wattmesh.protocols.monitoring import MonitorState
 from wattmesh.protocols.result import aggregate_reports
 from wattmesh.protocols.scenario import Scenario, parse_scenario
 from wattmesh.protocols.topology import diameter
 
 from wattmesh.peer.connection import PeerConnection
 from wattmesh.peer.keys import generate_key, write_roster
-from wattmesh.peer.market import FAILED_TYPE, PeerJob
+from wattmesh.peer.market import PeerJob
 
 __all__ = ["RunError", "RunOptions", "load_scenario", "run_scenario"]
 
@@ -48,6 +50,8 @@ class RunOptions:
         peers_per_process: K peers per OS process (packed mode).
         timeout_s: the whole run's deadline.
         progress: called with one human line per notable event.
+        watch: called with the live monitor state a few times a second (subscribes the
+            launcher to telemetry; ``None`` keeps it to reports only).
     """
 
     broker: str = "auto"
@@ -55,6 +59,7 @@ class RunOptions:
     peers_per_process: int = 1
     timeout_s: float = 900.0
     progress: Callable[[str], None] = lambda line: None
+    watch: Callable[[MonitorState, float], None] | None = None
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -98,67 +103,36 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
     groups = [ids[i : i + options.peers_per_process] for i in range(0, len(ids), options.peers_per_process)]
     start_timeout = max(60.0, 1.5 * len(groups))  # process start-up dominates on 2 cores
     started = time.monotonic()
-    reports: dict[str, dict[str, Any]] = {}
-    failures: dict[str, str] = {}
+    monitor = MonitorState(expected_peers=len(ids))
 
     async with _broker_url(options.broker, options.progress) as url:
-        connection = PeerConnection(observer, keys[observer], roster, community=public.name, session=session, url=url)
+        connection = PeerConnection(
+            observer, keys[observer], roster, community=public.name, session=session, url=url,
+            read_only=True, max_pending=100_000,
+        )  # fmt: skip
         async with connection as conn:
-            await conn.subscribe("report", ids)
-            processes = []
-            for index, group in enumerate(groups):
-                jobs = [
-                    PeerJob(
-                        scenario.peers[pid], public, horizon, run_dir / "keys" / f"{pid}.key",
-                        roster_toml, url, session, run_dir / "state", start_timeout,
-                    ).to_dict()
-                    for pid in group
-                ]  # fmt: skip
-                log = open(run_dir / "logs" / f"worker-{index:04d}.log", "wb")  # noqa: SIM115
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "wattmesh.peer.worker",
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=log,
-                )  # fmt: skip
-                log.close()
-                assert process.stdin is not None
-                process.stdin.write(json.dumps(jobs).encode())
-                await process.stdin.drain()
-                process.stdin.close()
-                processes.append(process)
+            await conn.subscribe_all("report")
+            await conn.subscribe_all("presence")
+            if options.watch is not None:
+                await conn.subscribe_all("telemetry")
+            processes = [
+                await _spawn(scenario, group, index, run_dir, roster_toml, url, session, horizon, start_timeout)
+                for index, group in enumerate(groups)
+            ]
             options.progress(f"started {len(ids)} peers in {len(processes)} processes (session {session})")
-            deadline = started + options.timeout_s
-            last_line = 0.0
             try:
-                while len(reports) + len(failures) < len(ids):
-                    now = time.monotonic()
-                    if now > deadline:
-                        if all(p.returncode is not None for p in processes):
-                            break
-                        raise RunError(f"run timed out after {options.timeout_s:g} s")
-                    if all(p.returncode is not None for p in processes):
-                        # every worker exited: reports still in flight get 2 s to arrive
-                        deadline = min(deadline, now + 2.0)
-                    try:
-                        incoming = await conn.receive(timeout=min(1.0, deadline - now))
-                    except TimeoutError:
-                        continue
-                    envelope = incoming.envelope
-                    if envelope.type == FAILED_TYPE:
-                        failures[envelope.sender] = str(envelope.body.get("reason"))
-                    else:
-                        reports[envelope.sender] = dict(envelope.body)
-                    if time.monotonic() - last_line > 2.0 or len(reports) + len(failures) == len(ids):
-                        last_line = time.monotonic()
-                        options.progress(
-                            f"reports: {len(reports)}/{len(ids)} peers done"
-                            + (f", {len(failures)} failed" if failures else "")
-                        )
+                await _collect(conn, monitor, processes, started + options.timeout_s, options)
             finally:
+                # finished peers linger briefly for their neighbours, then exit by themselves
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*(p.wait() for p in processes)), 10.0)
                 for process in processes:
                     if process.returncode is None:
                         with contextlib.suppress(ProcessLookupError):
                             process.terminate()
                 await asyncio.gather(*(p.wait() for p in processes))
+    reports = {pid: dict(body) for pid, body in monitor.reports.items()}
+    failures = {pid: s.failed for pid, s in monitor.peers.items() if s.failed}
     wall = time.monotonic() - started
     if failures:
         first = sorted(failures.items())[:3]
@@ -168,6 +142,7 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
         )
     result = aggregate_reports(public, reports, wall_seconds=round(wall, 3))
     result["session"] = session
+    result["history"] = [dataclasses.asdict(h) for h in monitor.history()]
     options.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = options.out.with_name(options.out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -179,3 +154,72 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
         )
     return result
 
+
+
+async def _spawn(
+    scenario: Scenario, group: list[str], index: int, run_dir: Path, roster_toml: str,
+    url: str, session: str, horizon: int, start_timeout: float,
+) -> asyncio.subprocess.Process:  # fmt: skip
+    """One worker process for ``group``; its private parameters go in on stdin."""
+    jobs = [
+        PeerJob(
+            scenario.peers[pid], scenario.public, horizon, run_dir / "keys" / f"{pid}.key",
+            roster_toml, url, session, run_dir / "state", start_timeout,
+        ).to_dict()
+        for pid in group
+    ]  # fmt: skip
+    with open(run_dir / "logs" / f"worker-{index:04d}.log", "wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wattmesh.peer.worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(jobs).encode())
+    await process.stdin.drain()
+    process.stdin.close()
+    return process
+
+
+async def _collect(
+    conn: PeerConnection,
+    monitor: MonitorState,
+    processes: list[asyncio.subprocess.Process],
+    deadline_monotonic: float,
+    options: RunOptions,
+) -> None:
+    """Fold reports (and telemetry) into ``monitor`` until every peer has ended."""
+    total = monitor.expected_peers or 0
+    last_line = 0.0
+    last_watch = 0.0
+    while True:
+        ended = sum(1 for s in monitor.peers.values() if s.finished or s.failed)
+        if ended >= total:
+            break
+        now = time.monotonic()
+        if all(p.returncode is not None for p in processes):
+            # every worker exited: reports still in flight get 2 s to arrive
+            deadline_monotonic = min(deadline_monotonic, now + 2.0)
+        if now > deadline_monotonic:
+            if all(p.returncode is not None for p in processes):
+                return
+            raise RunError(f"run timed out after {options.timeout_s:g} s")
+        try:
+            incoming = await conn.receive(timeout=min(0.25, deadline_monotonic - now))
+            monitor.observe(incoming.channel, incoming.envelope, time.monotonic())
+        except TimeoutError:
+            pass
+        for peer, online in conn.presence.items():
+            monitor.set_online(peer, online)
+        now = time.monotonic()
+        if options.watch is not None and now - last_watch > 0.25:
+            last_watch = now
+            options.watch(monitor, now)
+        done = sum(1 for s in monitor.peers.values() if s.finished)
+        failed = sum(1 for s in monitor.peers.values() if s.failed)
+        if now - last_line > 2.0 or done + failed == total:
+            if done + failed > 0 or now - last_line > 10.0:
+                last_line = now
+                at = f"iteration {monitor.iteration}: " if monitor.iteration else ""
+                options.progress(f"{at}{done}/{total} peers done" + (f", {failed} failed" if failed else ""))
+    if options.watch is not None:
+        options.watch(monitor, time.monotonic())

@@ -492,6 +492,7 @@ class AdmmPeer:
                 "price_max": float(self.price.max()),
                 "community_import": float(center.sum()),
                 "traded": float(np.abs(center).sum()),
+                "cost": self._settle()[4],  # its own cost if the market stopped now
             },
         )
         decided = k - self.horizon
@@ -501,8 +502,9 @@ class AdmmPeer:
             return [status, *self._finish(converged=False)]
         return [status, *self._advance()]
 
-    def _finish(self, *, converged: bool) -> list[Outgoing]:
-        """Fix every trade at its consensus value z_ij and price λ_ij; report."""
+    def _settle(self) -> tuple[float, float, float, float, float]:
+        """Trades fixed at z_ij with prices λ_ij: (net, community import, grid import,
+        payment, cost) [kWh, kWh, kWh, currency, currency]."""
         assert self._solution is not None
         fixed = self.center
         community_import = float(fixed.sum())
@@ -518,9 +520,14 @@ class AdmmPeer:
             buy, sell = self._grid
             grid_cost = buy * max(grid_import, 0.0) - sell * max(-grid_import, 0.0)
         cost = self.spec.cost(net) + grid_cost + payment + fees
+        return net, community_import, grid_import, payment, cost
+
+    def _finish(self, *, converged: bool) -> list[Outgoing]:
+        """Fix every trade at its consensus value z_ij and price λ_ij; report."""
+        net, community_import, grid_import, payment, cost = self._settle()
         self.outcome = PeerOutcome(
             self.peer_id, converged, self.round, net, community_import, grid_import,
             payment, cost, standalone_cost(self.spec, self._grid),
-            {j: (float(fixed[i]), float(self.price[i])) for i, j in enumerate(self.neighbours)},
+            {j: (float(self.center[i]), float(self.price[i])) for i, j in enumerate(self.neighbours)},
         )  # fmt: skip
         return [Outgoing("report", "admm.report", self.outcome.to_body())]
