@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from wattmesh.protocols.errors import WattmeshError
 from wattmesh.protocols.identity import check_peer_id
@@ -43,19 +45,111 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from wattmesh.peer.launcher import RunOptions, load_scenario, run_scenario
+    from wattmesh.peer.launcher import load_scenario
 
     scenario = load_scenario(Path(args.scenario))
     out = Path(args.out or f"{scenario.name}-result.json")
-    options = RunOptions(
-        broker=args.broker, out=out, peers_per_process=args.peers_per_process,
-        timeout_s=args.timeout, progress=_say,
-    )  # fmt: skip
+    return _run_with_view(scenario, out, args.broker, args.peers_per_process, args.timeout, report=not args.no_report)
+
+
+def _run_with_view(scenario: Any, out: Path, broker: str, per_process: int, timeout: float, *, report: bool) -> int:
+    """Run a scenario showing the live monitor view (or progress lines when not a terminal)."""
+    from wattmesh.peer.launcher import RunOptions, run_scenario
+
     _say(f"{scenario.name}: {len(scenario.peers)} peers, mechanism {scenario.public.mechanism}")
-    result = asyncio.run(run_scenario(scenario, options))
+    live, watch = _live_view()
+    options = RunOptions(
+        broker=broker, out=out, peers_per_process=per_process, timeout_s=timeout,
+        progress=_say if live is None else live.console.print, watch=watch,
+    )  # fmt: skip
+    try:
+        if live is not None:
+            with live:
+                result = asyncio.run(run_scenario(scenario, options))
+        else:
+            result = asyncio.run(run_scenario(scenario, options))
+    finally:
+        if live is not None:
+            live.stop()
     _say(_summary(result))
     _say(f"result: {out}")
+    if report:
+        _write_report(result, out)
     return 0 if result["converged"] else 1
+
+
+def _live_view() -> tuple[Any, Any]:
+    """A rich Live view when stdout is a terminal and rich is installed, else (None, None)."""
+    if not sys.stdout.isatty():
+        return None, None
+    try:
+        from rich.live import Live
+
+        from wattmesh.peer.monitor import render
+    except ImportError:
+        return None, None
+    live = Live(refresh_per_second=4, transient=False)
+
+    def watch(state: Any, now: float) -> None:
+        live.update(render(state.snapshot(now)))
+
+    return live, watch
+
+
+def _write_report(result: dict[str, Any], out: Path) -> list[Path]:
+    try:
+        from wattmesh.peer.report import write_report
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _say("report: plots need the demo extra: pip install 'wattmesh[demo]'")
+        return []
+    directory = out.with_name(f"{out.stem}-report")
+    files = write_report(result, directory)
+    _say(f"report: {directory}/ ({', '.join(f.name for f in files)})")
+    return files
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from wattmesh.peer.keys import load_private_key, load_roster
+    from wattmesh.peer.monitor import watch
+
+    roster = load_roster(Path(args.roster))
+    if args.key:
+        key = load_private_key(Path(args.key))
+    else:  # a throw-away identity: the monitor only reads
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+    state = asyncio.run(
+        watch(args.broker, args.community, roster, key, peer_id=args.id, expected_peers=args.peers,
+              until_settled=not args.follow, timeout_s=args.timeout)
+    )  # fmt: skip
+    if args.out:
+        import dataclasses
+
+        Path(args.out).write_text(json.dumps([dataclasses.asdict(h) for h in state.history()], indent=1))
+        _say(f"history: {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from wattmesh.peer.generate import generate_community
+    from wattmesh.protocols.scenario import parse_scenario
+
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = generate_community(
+        homes=args.homes, seed=args.seed, date="2026-06-21", hour=13, location="greensboro",
+        topology="full", grid=(0.30, 0.08), fee=0.002, name="demo",
+    )  # fmt: skip
+    scenario_path = directory / "demo.toml"
+    scenario_path.write_text(text)
+    _say(f"demo community: {args.homes} homes on 21 June 13:00 (PV from pvlib TMY, loads from BDEW) -> {scenario_path}")
+    scenario = parse_scenario(text, source=str(scenario_path))
+    out = directory / "result.json"
+    status = _run_with_view(scenario, out, args.broker, 1, 300.0, report=True)
+    _say(f"files: {directory}/ (demo.toml, result.json, result-report/, result.d/ keys+logs)")
+    return status
 
 
 def _summary(result: dict[str, object]) -> str:
@@ -97,7 +191,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="result JSON (default: NAME-result.json)")
     run.add_argument("--peers-per-process", type=int, default=1, metavar="K", help="packed mode: K peers per OS process")
     run.add_argument("--timeout", type=float, default=900.0, help="deadline for the whole run [s]")
+    run.add_argument("--no-report", action="store_true", help="skip the PNG plots and summary")
     run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", help="a realistic community of ~20 homes, live view and report")
+    demo.add_argument("--homes", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--broker", default="auto", help="auto, embedded, mosquitto or mqtt://host:port")
+    demo.add_argument("--dir", default="wattmesh-demo", help="where the files go")
+    demo.set_defaults(func=_cmd_demo)
+
+    monitor = sub.add_parser("monitor", help="watch a community's market live (read-only peer)")
+    monitor.add_argument("--broker", required=True, help="mqtt://host:port")
+    monitor.add_argument("--community", required=True)
+    monitor.add_argument("--roster", required=True, help="the community roster (verifies every message)")
+    monitor.add_argument("--key", help="the monitor's own key file (default: a throw-away key)")
+    monitor.add_argument("--id", default="monitor", help="the monitor's peer id")
+    monitor.add_argument("--peers", type=int, help="how many peers to expect")
+    monitor.add_argument("--follow", action="store_true", help="keep watching after the market settles")
+    monitor.add_argument("--timeout", type=float, help="stop after this many seconds")
+    monitor.add_argument("--out", help="write the per-iteration history as JSON")
+    monitor.set_defaults(func=_cmd_monitor)
     return parser
 
 

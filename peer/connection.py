@@ -9,9 +9,9 @@ Topic layout (docs/wire.md "Topics")::
     wattmesh/v1/<community>/telemetry/<peer>  per-round status for monitors
     wattmesh/v1/<community>/report/<peer>     <peer>'s signed final report of a session
 
-Each channel has its own :class:`~wattmesh.protocols.wire.Verifier`, because MQTT
+Each topic has its own :class:`~wattmesh.protocols.wire.Verifier`, because MQTT
 orders messages per topic only; a sender's sequence numbers rise across all its
-messages, so they also rise within each channel.
+messages, so they also rise within each topic.
 """
 
 from __future__ import annotations
@@ -146,9 +146,7 @@ class PeerConnection:
         self._host, self._port = parse_url(url)
         self._sequence = sequence or SequenceStore(None)
         self._clock = clock
-        self._verifiers = {
-            ch: Verifier(roster, community, None if ch == "presence" else session) for ch in CHANNELS
-        }
+        self._verifiers: dict[tuple[str, str | None], Verifier] = {}  # see _verifier()
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
@@ -327,7 +325,7 @@ class PeerConnection:
                 self._drop("unexpected_topic", None, message.topic.value)
                 continue
             try:
-                envelope = self._verifiers[channel].verify(bytes(payload))
+                envelope = self._verifier(channel, topic_peer).verify(bytes(payload))
             except ProtocolError as exc:
                 self._drop(exc.reason, exc.peer_id, str(exc))
                 continue
@@ -342,6 +340,24 @@ class PeerConnection:
                 self._inbox.put_nowait(Incoming(channel, envelope))
             except asyncio.QueueFull:
                 self.drops["overflow"] += 1
+
+    def _verifier(self, channel: str, topic_peer: str | None) -> Verifier:
+        """The verifier of one topic (one per channel and roster peer, created on demand).
+
+        Per topic, not per channel: a genuine frame of peer a copied onto b's topic
+        (e.g. retained on ``presence/b``) is verified, then dropped as a topic
+        mismatch; had it advanced a channel-wide ``last_seq[a]``, a's own copy on
+        ``presence/a`` would then be refused as a replay. Topics naming ids outside
+        the roster can never carry an acceptable frame and share one verifier, so the
+        table stays bounded under a wildcard subscription.
+        """
+        owner = topic_peer if channel != "inbox" and topic_peer in self._roster else None
+        verifier = self._verifiers.get((channel, owner))
+        if verifier is None:
+            session = None if channel == "presence" else self.session
+            verifier = Verifier(self._roster, self.community, session)
+            self._verifiers[channel, owner] = verifier
+        return verifier
 
     def _drop(self, reason: str, sender: str | None, detail: str) -> None:
         self.drops[reason] += 1

@@ -50,8 +50,9 @@ class RunOptions:
         peers_per_process: K peers per OS process (packed mode).
         timeout_s: the whole run's deadline.
         progress: called with one human line per notable event.
-        watch: called with the live monitor state a few times a second (subscribes the
-            launcher to telemetry; ``None`` keeps it to reports only).
+        watch: called with the live monitor state a few times a second.
+        telemetry: follow the peers' per-round telemetry (the history in the result
+            and the live view need it; costs one verification per peer per round).
     """
 
     broker: str = "auto"
@@ -60,6 +61,7 @@ class RunOptions:
     timeout_s: float = 900.0
     progress: Callable[[str], None] = lambda line: None
     watch: Callable[[MonitorState, float], None] | None = None
+    telemetry: bool = True
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -113,7 +115,7 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
         async with connection as conn:
             await conn.subscribe_all("report")
             await conn.subscribe_all("presence")
-            if options.watch is not None:
+            if options.telemetry:
                 await conn.subscribe_all("telemetry")
             processes = [
                 await _spawn(scenario, group, index, run_dir, roster_toml, url, session, horizon, start_timeout)

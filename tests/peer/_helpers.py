@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import msgpack
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from wattmesh.peer.connection import PeerConnection
 from wattmesh.peer.sequence import SequenceStore
 from wattmesh.protocols.identity import Roster
@@ -63,7 +64,9 @@ def connect(
     )
 
 
-async def wait_presence(conn: PeerConnection, peer_id: str, online: bool, timeout: float = TIMEOUT) -> None:
+async def wait_presence(
+    conn: PeerConnection, peer_id: str, online: bool, timeout: float = TIMEOUT
+) -> None:
     """Wait until ``conn`` believes ``peer_id`` is ``online`` (or offline).
 
     ``PeerConnection`` only offers ``wait_online``; going offline is waited for on the
@@ -75,7 +78,9 @@ async def wait_presence(conn: PeerConnection, peer_id: str, online: bool, timeou
         conn._presence.changed.clear()
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise TimeoutError(f"{peer_id} still {'offline' if online else 'online'} after {timeout} s")
+            raise TimeoutError(
+                f"{peer_id} still {'offline' if online else 'online'} after {timeout} s"
+            )
         try:
             await asyncio.wait_for(conn._presence.changed.wait(), remaining)
         except TimeoutError:
@@ -137,7 +142,9 @@ def with_duplicate_key(fields: Mapping[str, Any]) -> bytes:
     """Payload bytes whose top-level map repeats the key ``type`` (same value)."""
     items = list(fields.items())
     head = bytes([0x80 | (len(items) + 1)])  # fixmap with one extra entry
-    parts = [msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True) for k, v in items]
+    parts = [
+        msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True) for k, v in items
+    ]
     parts.append(msgpack.packb("type") + msgpack.packb(fields["type"]))
     return head + b"".join(parts)
 
@@ -152,7 +159,9 @@ class RawPublisher:
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 1883
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}")
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}"
+        )
         self._connected = threading.Event()
 
     def _start(self) -> None:

@@ -27,6 +27,7 @@ from _helpers import (
     unique_community,
     wait_presence,
 )
+
 from wattmesh.broker import BrokerHandle
 from wattmesh.peer.connection import BrokerConnectionError, Incoming, Topics
 from wattmesh.peer.sequence import SequenceStore
@@ -181,7 +182,9 @@ async def test_restarted_peer_is_online_again(any_broker: BrokerHandle, tmp_path
     state = tmp_path / "a.seq"
     async with connect("b", keys, roster, community, any_broker.url) as b:
         await b.subscribe("presence", ["a"])
-        async with connect("a", keys, roster, community, any_broker.url, sequence=SequenceStore(state)) as a:
+        async with connect(
+            "a", keys, roster, community, any_broker.url, sequence=SequenceStore(state)
+        ) as a:
             await a.announce()
             await b.wait_online(["a"], TIMEOUT)
             drop_abruptly(a)
@@ -238,7 +241,9 @@ async def test_misplaced_copy_does_not_block_the_genuine_frame(any_broker: Broke
     community = unique_community()
     keys, roster = make_keys("a", "b", "c")
     topics = Topics(community)
-    birth = sign(keys["a"], pack(payload_fields("a", community, 1, type="presence", body={"online": True})))
+    birth = sign(
+        keys["a"], pack(payload_fields("a", community, 1, type="presence", body={"online": True}))
+    )
     async with RawPublisher(any_broker.url) as raw:
         await raw.publish_acked(topics.of("presence", "b"), birth, retain=True)
         await raw.publish_acked(topics.of("presence", "a"), birth, retain=True)
