@@ -152,6 +152,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_scenario_generate(args: argparse.Namespace) -> int:
+    from wattmesh.peer.generate import run_generate_command
+
+    return run_generate_command(args, _say)
+
+
 def _summary(result: dict[str, object]) -> str:
     social, alone = result["social_cost"], result["grid_only_cost"]
     saving = ""
@@ -212,6 +218,25 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--timeout", type=float, help="stop after this many seconds")
     monitor.add_argument("--out", help="write the per-iteration history as JSON")
     monitor.set_defaults(func=_cmd_monitor)
+
+    scenario = sub.add_parser("scenario", help="work with scenario files")
+    scenario_sub = scenario.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = scenario_sub.add_parser(
+        "generate", help="a community from pvlib weather and BDEW load profiles (needs [demo])"
+    )
+    add = generate.add_argument
+    add("--homes", type=int, required=True, help="number of homes (h001, ...)")
+    add("--seed", type=int, required=True, help="seed of every random draw")
+    add("--date", required=True, help="day, YYYY-MM-DD")
+    add("--hour", type=int, required=True, help="market hour H = [H:00, H+1:00), 0-23")
+    add("--location", default="greensboro", help="greensboro, miami or sand-point")
+    add("--topology", default="full", help="full, ring:K or random:K")
+    add("--grid-buy", type=float, default=0.30, help="grid buy price [currency/kWh]")
+    add("--grid-sell", type=float, default=0.08, help="grid sell price [currency/kWh]")
+    add("--fee", type=float, default=0.0, help="market.fee [currency/kWh]")
+    add("--name", help="community name (default: the file's stem if valid, else community)")
+    add("--out", required=True, help="scenario TOML file to write")
+    generate.set_defaults(func=_cmd_scenario_generate)
     return parser
 
 

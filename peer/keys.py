@@ -6,6 +6,7 @@ with mode 0600; the public key goes into the community roster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -30,7 +31,11 @@ def generate_key(path: Path, *, overwrite: bool = False) -> Ed25519PrivateKey:
     seed = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A leftover tmp file keeps its own mode (e.g. 0644) under O_CREAT, and a symlink
+    # there would be followed: start from no file, and create it exclusively.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(seed.hex() + "\n")
         handle.flush()
@@ -63,6 +68,8 @@ def load_roster(path: Path) -> Roster:
         text = path.read_text()
     except OSError as exc:
         raise ScenarioError(str(path), "", f"cannot read roster ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(str(path), "", "not a roster (not UTF-8 text)") from None
     return Roster.from_toml(text, source=str(path))
 
 

@@ -53,6 +53,8 @@ class RunOptions:
         watch: called with the live monitor state a few times a second.
         telemetry: follow the peers' per-round telemetry (the history in the result
             and the live view need it; costs one verification per peer per round).
+        on_ready: called with (broker URL, roster path) just before the peers start,
+            e.g. to attach a monitor.
     """
 
     broker: str = "auto"
@@ -62,6 +64,7 @@ class RunOptions:
     progress: Callable[[str], None] = lambda line: None
     watch: Callable[[MonitorState, float], None] | None = None
     telemetry: bool = True
+    on_ready: Callable[[str, Path], None] | None = None
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -117,6 +120,8 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
             await conn.subscribe_all("presence")
             if options.telemetry:
                 await conn.subscribe_all("telemetry")
+            if options.on_ready is not None:
+                options.on_ready(url, run_dir / "roster.toml")
             processes = [
                 await _spawn(scenario, group, index, run_dir, roster_toml, url, session, horizon, start_timeout)
                 for index, group in enumerate(groups)

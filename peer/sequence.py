@@ -22,15 +22,19 @@ class SequenceStore:
         Args:
             path: file holding the reservation mark; ``None`` keeps it in memory only
                 (tests and simulations where nothing restarts).
-            block: numbers reserved per disk write.
+            block: numbers reserved per disk write, at least 1.
         """
+        if block < 1:  # 0 would use the very number on disk, which a restart repeats
+            raise ValueError(f"block must be >= 1, got {block}")
         self._path = path
         self._block = block
         self._next = 1
         self._limit = 1
         if path is not None and path.exists():
             try:
-                self._next = self._limit = int(path.read_text().strip() or "1")
+                self._next = self._limit = int(path.read_text().strip())
+                if self._next < 1:  # never written by a store; starting anywhere is a guess
+                    raise ValueError
             except ValueError:
                 raise ValueError(f"{path}: corrupt sequence file; refusing to guess a number") from None
 
@@ -51,4 +55,10 @@ class SequenceStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self._path)
+            # the rename itself is only durable once the directory is synced
+            dir_fd = os.open(self._path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         self._limit = limit

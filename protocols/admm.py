@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -142,6 +142,10 @@ class LocalSolution:
     balance_price: float
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _soft_threshold(u: _Array, kappa: _Array) -> _Array:
     result: _Array = np.sign(u) * np.maximum(np.abs(u) - kappa, 0.0)
     return result
@@ -193,6 +197,10 @@ def solve_local_step(
         return left, right
 
     points = [price + rho * (kappa - center), price + rho * (-kappa - center)]
+    for bound in (lower, upper):  # where a finite limit starts to clip: S(u) = bound
+        finite = np.isfinite(bound)
+        u = bound[finite] + np.sign(bound[finite]) * kappa[finite]
+        points.append(price[finite] + rho[finite] * (u - center[finite]))
     points.append(np.array([-b - a * ymax, -b - a * ymin] if a > 0 else [-b]))
     candidates = np.unique(np.concatenate(points))
     if grid is not None:
@@ -252,6 +260,21 @@ def standalone_cost(spec: PeerSpec, grid: tuple[float, float] | None) -> float |
     buy, sell = grid
     g = alone.net_demand
     return spec.cost(g) + (buy * g if g > 0 else sell * g)
+
+
+def _best_net_demand(spec: PeerSpec, grid: tuple[float, float], community_import: float) -> float:
+    """argmin_y C(y) + grid(y − q) over [min, max], for a fixed community import q [kWh].
+
+    Substituting y = q + g turns it into the grid-only problem of a shifted cost
+    a/2·g² + (b + a·q)·g on [min − q, max − q], which the local step solves exactly.
+    """
+    q = community_import
+    shifted = replace(
+        spec, cost_linear=spec.cost_linear + spec.cost_quadratic * q,
+        min_kwh=spec.min_kwh - q, max_kwh=spec.max_kwh - q,
+    )  # fmt: skip
+    empty = np.zeros(0)
+    return q + solve_local_step(shifted, grid, empty, empty, empty, empty, empty, empty).net_demand
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,10 +390,12 @@ class AdmmPeer:
         k = body.get("k")
         trade = body.get("t", {}).get(self.peer_id) if isinstance(body.get("t"), dict) else None
         votes = body.get("votes")
+        v0 = body.get("v0")
+        # bool is an int subclass: True must not pass as round 1 or as 1 kWh
         if (
-            not isinstance(k, int) or k < 1 or not isinstance(trade, float | int)
+            not _is_int(k) or k < 1 or not (isinstance(trade, float) or _is_int(trade))
             or not isinstance(votes, list) or not all(isinstance(v, bool) for v in votes)
-            or not isinstance(body.get("v0"), int)
+            or not _is_int(v0)
         ):  # fmt: skip
             raise ProtocolError("malformed admm.round body", peer_id=sender)
         if self.done or k <= self.round - 1 or (k == self.round and sender in self._received(k) and not self.done):
@@ -511,7 +536,10 @@ class AdmmPeer:
         if self._grid is None:
             net, grid_import = community_import, 0.0
         else:
-            net = self._solution.net_demand
+            # The last local step balanced y against t_ij, not against the agreed z_ij;
+            # keeping that y would push the difference into the grid at full tariff.
+            # Best response to the agreed trades instead: min C(y) + grid(y − q).
+            net = _best_net_demand(self.spec, self._grid, community_import)
             grid_import = net - community_import
         payment = float((self.price * fixed).sum())
         fees = float((self._half_fee * np.abs(fixed)).sum())

@@ -219,18 +219,29 @@ async def test_wait_online_names_the_missing_peers(any_broker: BrokerHandle) -> 
 
 
 async def test_frame_on_another_peers_market_topic_is_dropped(any_broker: BrokerHandle) -> None:
-    """A genuine frame of a, published on b's market topic, is not b's message."""
+    """GIVEN c listens to the market channels of a and b
+    WHEN a frame genuinely signed by a appears on b's market topic
+    THEN c drops it as a topic mismatch, and a's own messages still reach c."""
     community = unique_community()
     keys, roster = make_keys("a", "b", "c")
     topic_b = Topics(community).of("market", "b")
-    async with connect("c", keys, roster, community, any_broker.url) as c:
+    async with (
+        connect("a", keys, roster, community, any_broker.url) as a,
+        connect("c", keys, roster, community, any_broker.url) as c,
+    ):
         await c.subscribe("market", ["a", "b"])
         async with RawPublisher(any_broker.url) as raw:
             raw.publish(topic_b, sign(keys["a"], pack(payload_fields("a", community, 7))))
             raw.publish(topic_b, sign(keys["b"], pack(payload_fields("b", community, 1))))
-            incoming = await c.receive(TIMEOUT)  # same client, topic and QoS: in order
+            from_b = await c.receive(TIMEOUT)  # same client, topic and QoS: in order
+        assert c.drops == Counter(topic_mismatch=1)
 
-    assert (incoming.channel, incoming.envelope.sender) == ("market", "b")
+        await a.publish("market", "admm.round", ROUND_BODY)  # a's seq is still below 7
+        from_a = await c.receive(TIMEOUT)
+
+    assert (from_b.channel, from_b.envelope.sender) == ("market", "b")
+    assert (from_a.channel, from_a.envelope.sender) == ("market", "a")
+    assert from_a.envelope.seq < 7  # what a channel-wide replay table would have refused
     assert c.drops == Counter(topic_mismatch=1)
 
 
