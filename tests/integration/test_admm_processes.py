@@ -1,0 +1,174 @@
+"""The ADMM market as real OS processes over real brokers, against the in-memory bus.
+
+``run_scenario`` starts one worker process per peer (or per K peers), each with its own
+key, MQTT connection and core. The arithmetic is deterministic and the wire carries
+float64 exactly, so the processes must reproduce the in-memory run: same stopping
+round, same per-peer figures. A run whose peer dies mid-market must fail with
+``RunError`` within its neighbour timeout instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+import pytest
+from communities import random_community
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from numpy.testing import assert_allclose
+from wattmesh.broker import BrokerHandle
+from wattmesh.peer.launcher import RunError, RunOptions, run_scenario
+from wattmesh.protocols.memory_bus import BusResult, run_in_memory
+from wattmesh.protocols.monitoring import MonitorState
+from wattmesh.protocols.scenario import Scenario, parse_scenario
+
+TEN = random_community(10, 3, fee=0.01, name="admm-ten")  # grid 0.30/0.08 and a fee
+RUN_TIMEOUT = 60.0  # [s] per run; ten processes start in ~5 s on two cores
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+RESULT_KEYS = {
+    "scenario", "mechanism", "converged", "iterations", "social_cost", "grid_only_cost",
+    "wall_seconds", "messages", "peers", "trades",
+}  # fmt: skip  (DESIGN.md §2)
+PEER_KEYS = {"net_demand", "community_import", "grid_import", "payment", "cost"}
+TRADE_KEYS = {"buyer", "seller", "kwh", "price"}
+
+
+def scenario() -> Scenario:
+    return parse_scenario(TEN, source="admm-ten")
+
+
+@cache
+def in_memory() -> BusResult:
+    s = scenario()
+    keys = {pid: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(pid.encode()).digest()) for pid in s.public.peer_ids}
+    return run_in_memory(s, keys)
+
+
+def assert_matches_memory_bus(result: dict, path: Path) -> None:
+    memory = in_memory().outcomes
+    # THEN the processes stopped on the in-memory run's round, converged
+    assert result["converged"] is True
+    assert result["iterations"] == next(iter(memory.values())).iterations
+    assert result["disputes"] == [] and result["missing_peers"] == []
+    # AND every peer's figures are the in-memory ones
+    assert set(result["peers"]) == set(memory)
+    for pid, outcome in memory.items():
+        row = result["peers"][pid]
+        got = [row[key] for key in sorted(PEER_KEYS)]
+        want = [getattr(outcome, key) for key in sorted(PEER_KEYS)]
+        assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=pid)
+    # AND so is every trade, energy and price
+    for trade in result["trades"]:
+        kwh, price = memory[trade["buyer"]].trades[trade["seller"]]
+        assert_allclose([trade["kwh"], trade["price"]], [kwh, price], rtol=1e-9, atol=1e-12)
+    assert len(result["trades"]) == sum(1 for o in memory.values() for kwh, _ in o.trades.values() if kwh > 1e-9)
+    # AND the result file on disk is that document, with the DESIGN.md §2 keys
+    on_disk = json.loads(path.read_text())
+    assert RESULT_KEYS <= set(on_disk) and set(on_disk["messages"]) >= {"published", "bytes"}
+    assert all(PEER_KEYS <= set(row) for row in on_disk["peers"].values())
+    assert all(TRADE_KEYS <= set(trade) for trade in on_disk["trades"])
+    assert on_disk["social_cost"] == result["social_cost"] and on_disk["iterations"] == result["iterations"]
+    # AND traffic was counted: at least one round message per peer and round
+    assert on_disk["messages"]["published"] >= len(memory) * result["iterations"]
+    assert on_disk["messages"]["bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("broker", "per_process"),
+    [
+        pytest.param("mosquitto", 1, marks=pytest.mark.mosquitto, id="mosquitto"),
+        pytest.param("embedded", 1, id="embedded"),
+        pytest.param("mosquitto", 5, marks=pytest.mark.mosquitto, id="mosquitto-packed-5"),
+    ],
+)
+async def test_ten_processes_reproduce_the_memory_bus(tmp_path: Path, broker: str, per_process: int) -> None:
+    # GIVEN a seeded community of ten households with a grid and a fee
+    out = tmp_path / "result.json"
+    # WHEN it runs as OS processes (one per peer, or five per process) over the broker
+    result = await asyncio.wait_for(
+        run_scenario(scenario(), RunOptions(broker=broker, out=out, peers_per_process=per_process, timeout_s=RUN_TIMEOUT)),
+        RUN_TIMEOUT + 15,
+    )
+    # THEN it matches the in-memory run (checks inside)
+    assert_matches_memory_bus(result, out)
+
+
+def _worker_pids() -> list[int]:
+    """This test's own worker processes (children running ``wattmesh.peer.worker``)."""
+    me = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = handle.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read()
+        except OSError:
+            continue  # exited meanwhile
+        if parent == me and b"wattmesh.peer.worker" in command:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+@pytest.mark.mosquitto
+async def test_a_peer_killed_mid_market_fails_the_run_within_the_neighbour_timeout(tmp_path: Path) -> None:
+    # GIVEN the ten households with a tolerance they never reach, a 3 s neighbour timeout
+    text = random_community(
+        10, 3, fee=0.01, name="admm-kill",
+        admm="eps_rel = 1e-15\neps_abs = 0.0\nmax_iterations = 1000000\nround_timeout_s = 0.5\nneighbour_timeout_s = 3.0",
+    )  # fmt: skip
+    killed: dict[str, float] = {}
+    went_offline: set[str] = set()
+
+    def watch(monitor: MonitorState, now: float) -> None:
+        # WHEN the market is past round 3, one worker process is killed (SIGKILL: no
+        # goodbye, only the broker's Last Will says it went offline)
+        if not killed and monitor.iteration >= 3:
+            victim = _worker_pids()[4]
+            os.kill(victim, signal.SIGKILL)
+            killed["at"] = time.monotonic()
+        went_offline.update(p for p, s in monitor.peers.items() if killed and not s.online and not s.failed)
+
+    options = RunOptions(broker="mosquitto", out=tmp_path / "result.json", timeout_s=RUN_TIMEOUT, watch=watch)
+    with pytest.raises(RunError) as caught:
+        await asyncio.wait_for(run_scenario(parse_scenario(text), options), RUN_TIMEOUT + 15)
+    # THEN the run fails soon after the neighbour timeout (3 s + exit and report grace)
+    assert killed, "the market never reached round 3"
+    assert time.monotonic() - killed["at"] < 3.0 + 12.0
+    # AND the error names the silent peer: the one whose Will said it went offline
+    message = str(caught.value)
+    assert "peer(s) failed" in message and "message from" in message
+    assert len(went_offline) == 1
+    victim = went_offline.pop()
+    assert f"message from {victim} within 3 s" in message
+    # AND no result file pretends the market cleared
+    assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.mosquitto
+def test_the_command_line_runs_the_producers_consumers_example(tmp_path: Path) -> None:
+    # GIVEN the shipped example in the general cost form (linear producer and consumer)
+    out = tmp_path / "pc.json"
+    # WHEN `wattmesh run` runs it, packed four peers per process
+    done = subprocess.run(
+        [sys.executable, "-m", "wattmesh.peer.cli", "run", str(EXAMPLES / "producers-consumers.toml"),
+         "--broker", "mosquitto", "--out", str(out), "--peers-per-process", "4", "--timeout", str(RUN_TIMEOUT)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT + 15,
+    )  # fmt: skip
+    # THEN it converges, says so, and writes the result file
+    assert done.returncode == 0, done.stderr
+    assert "converged in" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["converged"] is True and result["scenario"] == "producers-consumers"
+    assert result["social_cost"] <= result["grid_only_cost"]
