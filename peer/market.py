@@ -2,7 +2,7 @@
 
 The shell owns time (``loop.time()`` is passed to the core as ``now``), the MQTT
 connection and the report; the core owns every decision. Every wait has a deadline:
-peers not online by ``start_timeout_s``, a silent neighbour (the core's
+neighbours not heard from by ``start_timeout_s``, a silent neighbour (the core's
 ``neighbour_timeout_s``), neighbours' reports after we finish (the same bound).
 """
 
@@ -20,7 +20,7 @@ from wattmesh.protocols.errors import ProtocolError
 from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 
-from wattmesh.peer.connection import PeerConnection
+from wattmesh.peer.connection import Incoming, PeerConnection
 from wattmesh.peer.keys import load_private_key
 from wattmesh.peer.sequence import SequenceStore
 
@@ -28,6 +28,8 @@ __all__ = ["PeerJob", "run_peer"]
 
 logger = logging.getLogger(__name__)
 REPORT_TYPE = "admm.report"
+READY_TYPE = "admm.ready"
+READY_INTERVAL_S = 1.0
 FAILED_TYPE = "session.failed"
 
 
@@ -77,11 +79,11 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
         community=job.public.name, session=job.session, url=job.url, sequence=sequence,
     )  # fmt: skip
     async with connection as conn:
-        for channel in ("presence", "market", "report"):
+        for channel in ("market", "report"):
             await conn.subscribe(channel, core.neighbours)
         await conn.announce()
         try:
-            await conn.wait_online(core.neighbours, job.start_timeout_s)
+            early = await _start_barrier(conn, core.neighbours, job.start_timeout_s)
         except TimeoutError as exc:
             return await _fail(conn, f"start: {exc}")
         await _send(conn, core.start(loop.time()))
@@ -89,11 +91,16 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
         while not core.done:
             deadline = core.next_deadline()
             assert deadline is not None
-            try:
-                incoming = await conn.receive(max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                await _send(conn, core.on_timer(loop.time()))
-                continue
+            if early:
+                incoming = early.pop(0)
+            else:
+                try:
+                    incoming = await conn.receive(max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    await _send(conn, core.on_timer(loop.time()))
+                    continue
+            if incoming.envelope.type == READY_TYPE:
+                continue  # a neighbour still waiting at the start barrier; it hears our rounds
             if incoming.channel == "report":
                 finished.add(incoming.envelope.sender)
                 continue
@@ -127,6 +134,42 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
                 except ProtocolError as exc:
                     conn.drops[exc.reason] += 1
         return report
+
+
+async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], timeout: float) -> list[Incoming]:
+    """Wait until every neighbour is listening; return what arrived early, in order.
+
+    Each peer publishes ``admm.ready`` on its market topic once subscribed, and again
+    every second until it has heard from every neighbour. Hearing anything from a
+    neighbour on its market topic proves it subscribed to ours before sending it, so
+    our round-1 message will reach it. This relies on no broker feature (retained
+    births proved lossy on amqtt) and costs one small message a second while waiting.
+
+    Raises:
+        TimeoutError: naming the neighbours never heard from.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    heard: set[str] = set()
+    early: list[Incoming] = []
+    next_ready = loop.time()
+    while missing := sorted(set(neighbours) - heard):
+        now = loop.time()
+        if now >= deadline:
+            shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise TimeoutError(f"{len(missing)} neighbour(s) not heard from after {timeout:g} s: {shown}")
+        if now >= next_ready:
+            await conn.publish("market", READY_TYPE, {})
+            next_ready = now + READY_INTERVAL_S
+        try:
+            incoming = await conn.receive(min(next_ready, deadline) - now)
+        except TimeoutError:
+            continue
+        if incoming.channel == "market":
+            heard.add(incoming.envelope.sender)
+        if incoming.envelope.type != READY_TYPE:
+            early.append(incoming)
+    return early
 
 
 async def _send(conn: PeerConnection, items: list[Outgoing]) -> None:
