@@ -23,6 +23,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.errors import BrokerError
+
 from wattmesh.broker.errors import BrokerUnavailable
 from wattmesh.broker.launch import format_address
 

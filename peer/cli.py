@@ -98,8 +98,9 @@ def _live_view() -> tuple[Any, Any]:
 
 def _write_report(result: dict[str, Any], out: Path) -> list[Path]:
     try:
-        from wattmesh.peer.report import write_report
         import matplotlib  # noqa: F401
+
+        from wattmesh.peer.report import write_report
     except ImportError:
         _say("report: plots need the demo extra: pip install 'wattmesh[demo]'")
         return []

@@ -31,11 +31,10 @@ from urllib.parse import urlsplit
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from wattmesh.peer.sequence import SequenceStore
 from wattmesh.protocols.errors import ProtocolError, WattmeshError
 from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.wire import Envelope, Verifier, encode
-
-from wattmesh.peer.sequence import SequenceStore
 
 __all__ = ["CHANNELS", "BrokerConnectionError", "Incoming", "PeerConnection", "Topics", "parse_url"]
 

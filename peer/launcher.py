@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from wattmesh.broker import start_broker
+from wattmesh.peer.connection import PeerConnection
+from wattmesh.peer.keys import generate_key, write_roster
+from wattmesh.peer.market import PeerJob
 from wattmesh.protocols.errors import ScenarioError, WattmeshError
 from wattmesh.protocols.monitoring import MonitorState
 from wattmesh.protocols.result import aggregate_reports
 from wattmesh.protocols.scenario import Scenario, parse_scenario
 from wattmesh.protocols.topology import diameter
-
-from wattmesh.peer.connection import PeerConnection
-from wattmesh.peer.keys import generate_key, write_roster
-from wattmesh.peer.market import PeerJob
 
 __all__ = ["RunError", "RunOptions", "load_scenario", "run_scenario"]
 
@@ -106,7 +105,9 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
     session = f"{public.name}-{int(time.time())}-{secrets.token_hex(3)}"
     horizon = diameter(public.links)
     groups = [ids[i : i + options.peers_per_process] for i in range(0, len(ids), options.peers_per_process)]
-    start_timeout = max(60.0, 1.5 * len(groups))  # process start-up dominates on 2 cores
+    # Start-up (interpreter, imports, one connection per peer) dominates on 2 cores:
+    # measured ~25 s for 500 peers in 20 processes on an idle machine; keep 4× margin.
+    start_timeout = max(60.0, 2.0 * len(groups) + 0.2 * len(ids))
     started = time.monotonic()
     monitor = MonitorState(expected_peers=len(ids))
 

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wattmesh.peer.connection import Incoming, PeerConnection
+from wattmesh.peer.keys import load_private_key
+from wattmesh.peer.sequence import SequenceStore
 from wattmesh.protocols.admm import AdmmPeer, Outgoing
 from wattmesh.protocols.errors import ProtocolError
 from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
-
-from wattmesh.peer.connection import Incoming, PeerConnection
-from wattmesh.peer.keys import load_private_key
-from wattmesh.peer.sequence import SequenceStore
 
 __all__ = ["PeerJob", "run_peer"]
 
@@ -86,7 +85,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
             early = await _start_barrier(conn, core.neighbours, job.start_timeout_s)
         except TimeoutError as exc:
             return await _fail(conn, f"start: {exc}")
-        await _send(conn, core.start(loop.time()))
+        await _send(conn, core.start(loop.time(), start_grace_s=job.start_timeout_s))
         finished: set[str] = set()
         while not core.done:
             deadline = core.next_deadline()

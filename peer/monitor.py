@@ -19,10 +19,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from wattmesh.protocols.monitoring import MonitorState, Snapshot
-from wattmesh.protocols.identity import Roster
-
 from wattmesh.peer.connection import PeerConnection
+from wattmesh.protocols.identity import Roster
+from wattmesh.protocols.monitoring import MonitorState, Snapshot
 
 __all__ = ["render", "render_text", "watch"]
 
@@ -66,7 +65,7 @@ def render(snapshot: Snapshot, *, title: str = "wattmesh monitor") -> Group:
 
 def render_text(snapshot: Snapshot, *, width: int = 100) -> str:
     """The view as plain text at a fixed width (tests, logs)."""
-    console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))
     console.print(render(snapshot))
     return console.export_text()
 

@@ -41,7 +41,8 @@ peers the first condition bounds the community's total imbalance by
 Late messages: a round waits for every neighbour. After ``round_timeout_s`` without
 progress a peer re-publishes its last two round messages; a peer that receives an old
 round again from a neighbour takes it as "still waiting" and re-publishes too. After
-``neighbour_timeout_s`` without progress the session fails, naming the silent peers.
+``neighbour_timeout_s`` without progress the session fails, naming the silent peers
+(round 1 waits longer, ``start(start_grace_s=…)``: neighbours may still be starting).
 """
 
 from __future__ import annotations
@@ -364,11 +365,18 @@ class AdmmPeer:
     def done(self) -> bool:
         return self.outcome is not None or self.failure is not None
 
-    def start(self, now: float) -> list[Outgoing]:
-        """First local step from zero trades; returns the round-1 message."""
+    def start(self, now: float, *, start_grace_s: float = 0.0) -> list[Outgoing]:
+        """First local step from zero trades; returns the round-1 message.
+
+        Args:
+            now: current time [s].
+            start_grace_s: extra patience for round 1 [s]. A neighbour can still be
+                waiting for one of *its* neighbours to start, so round 1 may take as long
+                as the slowest start-up in the community, not one round.
+        """
         if self.round != 0:
             raise RuntimeError("start() called twice")
-        self._last_progress = now
+        self._last_progress = now + start_grace_s
         if not self.neighbours:  # nobody to trade with: the grid alone settles it
             self._solve()
             return self._finish(converged=True)

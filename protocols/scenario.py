@@ -331,7 +331,7 @@ def _check_feasible(
     ids = list(specs)
     for index, pid in enumerate(ids):
         s = specs[pid]
-        if s.role == "buyer" and s.max_kwh < 0 or s.role == "seller" and s.min_kwh > 0:
+        if (s.role == "buyer" and s.max_kwh < 0) or (s.role == "seller" and s.min_kwh > 0):
             raise ScenarioError(source, f"peers[{index}].role", f"a {s.role} with limits [{s.min_kwh:g}, {s.max_kwh:g}] cannot balance without a grid")
         if not links[pid] and not s.min_kwh <= 0 <= s.max_kwh:
             raise ScenarioError(source, f"peers[{index}].neighbors", "no trading partner and no grid, but 0 kWh is outside its limits")

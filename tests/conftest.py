@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+
 from wattmesh.broker import BrokerHandle, start_broker
 
 

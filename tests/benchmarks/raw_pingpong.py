@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+
 from wattmesh.broker import BrokerProcess
 
 __all__ = ["raw_round_trip_ms"]

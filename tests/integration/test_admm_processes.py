@@ -24,7 +24,7 @@ import pytest
 from communities import random_community
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.testing import assert_allclose
-from wattmesh.broker import BrokerHandle
+
 from wattmesh.peer.launcher import RunError, RunOptions, run_scenario
 from wattmesh.protocols.memory_bus import BusResult, run_in_memory
 from wattmesh.protocols.monitoring import MonitorState

@@ -20,6 +20,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from benchmarks.raw_pingpong import raw_round_trip_ms
+
 from wattmesh.broker import (
     BrokerHandle,
     BrokerProcess,

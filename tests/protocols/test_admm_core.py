@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from wattmesh.protocols.admm import ROUND_TYPE, STATUS_TYPE, AdmmPeer, Outgoing, PeerOutcome
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.scenario import Scenario, parse_scenario

@@ -19,6 +19,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
+
 from wattmesh.protocols.admm import LocalSolution, solve_local_step, standalone_cost
 from wattmesh.protocols.scenario import PeerSpec
 

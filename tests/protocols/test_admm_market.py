@@ -18,6 +18,7 @@ import pytest
 from communities import random_community
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from reference import Optimum, social_optimum
+
 from wattmesh.protocols.admm import AdmmSettings
 from wattmesh.protocols.memory_bus import BusResult, run_in_memory
 from wattmesh.protocols.result import aggregate_reports

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from wattmesh.protocols.errors import ScenarioError, WattmeshError
 from wattmesh.protocols.identity import PEER_ID_PATTERN, Roster, check_peer_id, public_key_hex
 

@@ -23,6 +23,7 @@ import nacl.signing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from wattmesh.protocols.errors import ProtocolError
 from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.wire import Envelope, Verifier, encode

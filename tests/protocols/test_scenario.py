@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from wattmesh.protocols.admm import AdmmSettings
 from wattmesh.protocols.errors import ScenarioError
 from wattmesh.protocols.scenario import (

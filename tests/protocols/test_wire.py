@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from wattmesh.protocols.errors import (
     DecodeError,
     ProtocolError,

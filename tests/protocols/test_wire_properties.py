@@ -24,6 +24,7 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from wattmesh.protocols.errors import ProtocolError, ReplayError
 from wattmesh.protocols.identity import PEER_ID_PATTERN, Roster
 from wattmesh.protocols.wire import DOMAIN, Envelope, Verifier, encode
