@@ -59,6 +59,20 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for child processes: SIGTERM the child when its parent dies.
+
+    A launcher killed outright (kill -9, a crashed terminal) would otherwise leave its
+    broker and peer processes running on the machine. Linux only; elsewhere a no-op.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that nothing listens on right now.
 
@@ -276,6 +290,7 @@ class BrokerProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         self._handle = BrokerHandle(self.kind, self.host, port)
         logger.info("starting %s broker on %s (pid %d)", self.kind, address, self._process.pid)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from wattmesh.broker import start_broker
+from wattmesh.broker.launch import die_with_parent
 from wattmesh.peer.connection import PeerConnection
 from wattmesh.peer.keys import generate_key, write_roster
 from wattmesh.peer.market import PeerJob
@@ -180,6 +181,7 @@ async def _spawn(
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "wattmesh.peer.worker",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=log,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
     assert process.stdin is not None
     process.stdin.write(json.dumps(jobs).encode())
