@@ -40,9 +40,13 @@ peers the first condition bounds the community's total imbalance by
 
 Late messages: a round waits for every neighbour. After ``round_timeout_s`` without
 progress a peer re-publishes its last two round messages; a peer that receives an old
-round again from a neighbour takes it as "still waiting" and re-publishes too. After
-``neighbour_timeout_s`` without progress the session fails, naming the silent peers
-(round 1 waits longer, ``start(start_grace_s=…)``: neighbours may still be starting).
+round (older than its own) from a neighbour takes it as "still waiting for us" and
+re-publishes too. Each re-send since the last progress doubles the wait before the
+next one: a round that is merely slow (N·degree signature checks on a busy host) must
+not be buried under re-sends, each of which costs every neighbour a verification and
+nudges it to re-send in turn. After ``neighbour_timeout_s`` without progress the
+session fails, naming the silent peers (round 1 waits longer,
+``start(start_grace_s=…)``: neighbours may still be starting).
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ class AdmmSettings:
     adapt_rho: bool = True
     adapt_until: int = 500  # fixed ρ afterwards: the classical convergence proof applies
     initial_price: float | None = None  # default: mid grid tariff, else 0
-    round_timeout_s: float = 2.0
+    round_timeout_s: float = 10.0  # loopback TCP rarely loses; a slow round must not trigger re-sends
     neighbour_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -355,6 +359,7 @@ class AdmmPeer:
         self._sent: dict[int, Outgoing] = {}
         self._last_progress = 0.0
         self._last_resend = -math.inf
+        self._resends = 0  # since the last progress; each doubles the next interval
         self.outcome: PeerOutcome | None = None
         self.failure: str | None = None
         self.primal_residual = math.inf
@@ -406,15 +411,20 @@ class AdmmPeer:
             or not _is_int(v0)
         ):  # fmt: skip
             raise ProtocolError("malformed admm.round body", peer_id=sender)
-        if self.done or k <= self.round - 1 or (k == self.round and sender in self._received(k) and not self.done):
-            # an old round again: the neighbour is still waiting for us
+        if self.done or k < self.round:
+            # an older round again: the neighbour is behind us, waiting for our message
             return self._resend(now)
+        if sender in self._received(k):
+            # a repeat of a round we hold: it waits for someone, maybe not us; reacting
+            # would multiply traffic on a merely slow host, and our own timer re-sends
+            return []
         if k > self.round + 1:
             raise StaleRoundError(f"round {k} while at {self.round}", peer_id=sender, round=k)
         self._pending.by_round.setdefault(k, {})[sender] = body
         out: list[Outgoing] = []
         while not self.done and len(self._received(self.round)) == len(self.neighbours):
             self._last_progress = now
+            self._resends = 0
             out += self._complete_round()
         return out
 
@@ -424,7 +434,7 @@ class AdmmPeer:
             return None
         return min(
             self._last_progress + self.settings.neighbour_timeout_s,
-            max(self._last_progress, self._last_resend) + self.settings.round_timeout_s,
+            max(self._last_progress, self._last_resend) + self._resend_interval(),
         )
 
     def on_timer(self, now: float) -> list[Outgoing]:
@@ -438,7 +448,7 @@ class AdmmPeer:
                 f"within {self.settings.neighbour_timeout_s:g} s"
             )
             return []
-        if now >= max(self._last_progress, self._last_resend) + self.settings.round_timeout_s:
+        if now >= max(self._last_progress, self._last_resend) + self._resend_interval():
             return self._resend(now)
         return []
 
@@ -446,10 +456,15 @@ class AdmmPeer:
     def _received(self, k: int) -> dict[str, Mapping[str, Any]]:
         return self._pending.by_round.get(k, {})
 
+    def _resend_interval(self) -> float:
+        """round_timeout_s · 2^(re-sends since the last progress) [s]: exponential backoff."""
+        return self.settings.round_timeout_s * 2.0 ** min(self._resends, 16)
+
     def _resend(self, now: float) -> list[Outgoing]:
-        if now - self._last_resend < self.settings.round_timeout_s / 2:
-            return []  # at most one burst per half timeout
+        if now - self._last_resend < self._resend_interval() / 2:
+            return []  # at most one burst per half interval, however many nudges arrive
         self._last_resend = now
+        self._resends += 1
         return [self._sent[k] for k in (self.round - 1, self.round) if k in self._sent]
 
     def _solve(self) -> None:

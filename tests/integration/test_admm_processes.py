@@ -49,7 +49,10 @@ def scenario() -> Scenario:
 @cache
 def in_memory() -> BusResult:
     s = scenario()
-    keys = {pid: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(pid.encode()).digest()) for pid in s.public.peer_ids}
+    keys = {
+        pid: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(pid.encode()).digest())
+        for pid in s.public.peer_ids
+    }
     return run_in_memory(s, keys)
 
 
@@ -94,10 +97,8 @@ async def test_ten_processes_reproduce_the_memory_bus(tmp_path: Path, broker: st
     # GIVEN a seeded community of ten households with a grid and a fee
     out = tmp_path / "result.json"
     # WHEN it runs as OS processes (one per peer, or five per process) over the broker
-    result = await asyncio.wait_for(
-        run_scenario(scenario(), RunOptions(broker=broker, out=out, peers_per_process=per_process, timeout_s=RUN_TIMEOUT)),
-        RUN_TIMEOUT + 15,
-    )
+    options = RunOptions(broker=broker, out=out, peers_per_process=per_process, timeout_s=RUN_TIMEOUT)
+    result = await asyncio.wait_for(run_scenario(scenario(), options), RUN_TIMEOUT + 15)
     # THEN it matches the in-memory run (checks inside)
     assert_matches_memory_bus(result, out)
 
@@ -126,7 +127,8 @@ async def test_a_peer_killed_mid_market_fails_the_run_within_the_neighbour_timeo
     # GIVEN the ten households with a tolerance they never reach, a 3 s neighbour timeout
     text = random_community(
         10, 3, fee=0.01, name="admm-kill",
-        admm="eps_rel = 1e-15\neps_abs = 0.0\nmax_iterations = 1000000\nround_timeout_s = 0.5\nneighbour_timeout_s = 3.0",
+        admm="eps_rel = 1e-15\neps_abs = 0.0\nmax_iterations = 1000000\n"
+        "round_timeout_s = 0.5\nneighbour_timeout_s = 3.0",
     )  # fmt: skip
     killed: dict[str, float] = {}
     went_offline: set[str] = set()
@@ -157,12 +159,15 @@ async def test_a_peer_killed_mid_market_fails_the_run_within_the_neighbour_timeo
 
 
 @pytest.mark.mosquitto
-def test_the_command_line_runs_the_producers_consumers_example(tmp_path: Path) -> None:
-    # GIVEN the shipped example in the general cost form (linear producer and consumer)
-    out = tmp_path / "pc.json"
+@pytest.mark.parametrize(
+    ("example", "name"), [("ten-homes.toml", "ten-homes"), ("producers-consumers.toml", "producers-consumers")]
+)
+def test_the_command_line_runs_the_examples(tmp_path: Path, example: str, name: str) -> None:
+    # GIVEN a shipped example (ten homes; producers and consumers with linear costs)
+    out = tmp_path / "result.json"
     # WHEN `wattmesh run` runs it, packed four peers per process
     done = subprocess.run(
-        [sys.executable, "-m", "wattmesh.peer.cli", "run", str(EXAMPLES / "producers-consumers.toml"),
+        [sys.executable, "-m", "wattmesh.peer.cli", "run", str(EXAMPLES / example),
          "--broker", "mosquitto", "--out", str(out), "--peers-per-process", "4", "--timeout", str(RUN_TIMEOUT)],
         capture_output=True, text=True, timeout=RUN_TIMEOUT + 15,
     )  # fmt: skip
@@ -170,5 +175,5 @@ def test_the_command_line_runs_the_producers_consumers_example(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert "converged in" in done.stdout
     result = json.loads(out.read_text())
-    assert result["converged"] is True and result["scenario"] == "producers-consumers"
-    assert result["social_cost"] <= result["grid_only_cost"]
+    assert result["converged"] is True and result["scenario"] == name
+    assert result["disputes"] == [] and result["social_cost"] <= result["grid_only_cost"]

@@ -17,14 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wattmesh.protocols.admm import ROUND_TYPE, STATUS_TYPE, AdmmPeer, Outgoing, PeerOutcome
+from wattmesh.protocols.admm import ROUND_TYPE, STATUS_TYPE, AdmmPeer, AdmmSettings, Outgoing, PeerOutcome
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.scenario import Scenario, parse_scenario
 from wattmesh.protocols.topology import diameter
 from wattmesh.protocols.wire import Envelope
 
-ROUND_TIMEOUT = 2.0  # [s], the defaults of [market.admm]
+ROUND_TIMEOUT = 2.0  # [s]; the tests that move the clock set both explicitly (TIMING)
 NEIGHBOUR_TIMEOUT = 30.0
+TIMING = f"round_timeout_s = {ROUND_TIMEOUT}\nneighbour_timeout_s = {NEIGHBOUR_TIMEOUT}"
+assert AdmmSettings().neighbour_timeout_s > AdmmSettings().round_timeout_s  # the defaults keep that order
 
 
 def community(*, neighbours: Mapping[str, list[str]] | None = None, admm: str = "") -> Scenario:
@@ -136,7 +138,9 @@ def fifo_outcome(scenario: Scenario) -> dict[str, PeerOutcome]:
     return net.outcomes()
 
 
-def round_body(k: int, trade_for: Mapping[str, float], *, v0: int = 1, votes: list[bool] | None = None) -> dict[str, Any]:
+def round_body(
+    k: int, trade_for: Mapping[str, float], *, v0: int = 1, votes: list[bool] | None = None
+) -> dict[str, Any]:
     return {"k": k, "t": dict(trade_for), "v0": v0, "votes": votes or []}
 
 
@@ -244,7 +248,10 @@ def test_a_malformed_body_is_refused_and_changes_nothing(name: str) -> None:
         st.one_of(
             st.integers(-3, 4), st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
             st.text(max_size=3), st.lists(st.one_of(st.booleans(), st.integers(0, 2)), max_size=4),
-            st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(st.floats(-5, 5), st.booleans(), st.text(max_size=2)), max_size=3),
+            st.dictionaries(
+                st.sampled_from(["a", "b", "c"]),
+                st.one_of(st.floats(-5, 5), st.booleans(), st.text(max_size=2)), max_size=3,
+            ),
         ),
     )
 )  # fmt: skip
@@ -261,9 +268,9 @@ def test_any_body_is_taken_or_refused_explicitly(body: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- late and lost messages
 
 
-def test_an_old_round_again_is_taken_as_still_waiting_and_answered() -> None:
+def test_an_older_round_again_is_taken_as_still_waiting_and_answered() -> None:
     # GIVEN a triangle where a has completed round 1 and published round 2
-    net = Network(triangle()).start()
+    net = Network(triangle(TIMING)).start()
     b_round1 = net.last["b"].body
     net.deliver("b", "a")
     net.deliver("c", "a")
@@ -275,10 +282,12 @@ def test_an_old_round_again_is_taken_as_still_waiting_and_answered() -> None:
     # THEN a re-publishes its last two round messages, rounds 1 and 2, unchanged
     assert [o.body["k"] for o in out] == [1, 2]
     assert out[1] == a_round2
-    # AND a second nudge within half a round timeout gets nothing (no re-send storm) ...
-    assert a.receive(net.envelope("b", b_round1), 1.0 + ROUND_TIMEOUT / 2 - 0.01) == []
-    # ... and a later one does
-    assert len(a.receive(net.envelope("b", b_round1), 1.0 + ROUND_TIMEOUT / 2)) == 2
+    # AND further nudges are answered at most once per half re-send interval, which
+    # doubles with every re-send until the next progress (no re-send storm)
+    assert a.receive(net.envelope("b", b_round1), 1.0 + ROUND_TIMEOUT - 0.01) == []
+    assert len(a.receive(net.envelope("b", b_round1), 1.0 + ROUND_TIMEOUT)) == 2
+    assert a.receive(net.envelope("b", b_round1), 3.0 + 2 * ROUND_TIMEOUT - 0.01) == []
+    assert len(a.receive(net.envelope("b", b_round1), 3.0 + 2 * ROUND_TIMEOUT)) == 2
     # WHEN b reaches round 2 and a receives b's round 2 twice
     net.deliver("a", "b")
     net.deliver("c", "b")
@@ -286,9 +295,11 @@ def test_an_old_round_again_is_taken_as_still_waiting_and_answered() -> None:
     b_round2 = net.channels[("b", "a")][0].body
     assert b_round2["k"] == 2
     net.deliver("b", "a")
-    out = a.receive(net.envelope("b", b_round2), 10.0)
-    # THEN the duplicate of the current round is a nudge too
-    assert [o.body["k"] for o in out] == [1, 2]
+    out = a.receive(net.envelope("b", b_round2), 7.0 + 4 * ROUND_TIMEOUT)
+    # THEN the repeat of a round a already holds is ignored: b waits for someone, not
+    # necessarily a, and a's own timer re-sends if a's message was the one lost
+    assert out == []
+    assert a.round == 2
     # AND none of this changed the market's result
     net.run_fifo()
     assert net.outcomes() == fifo_outcome(triangle())
@@ -296,7 +307,7 @@ def test_an_old_round_again_is_taken_as_still_waiting_and_answered() -> None:
 
 def test_round_timeout_republishes_then_neighbour_timeout_fails_naming_the_silent_peer() -> None:
     # GIVEN a triangle where a started at t = 0 and hears from b but never from c
-    net = Network(triangle()).start()
+    net = Network(triangle(TIMING)).start()
     a = net.cores["a"]
     net.deliver("b", "a")
     # THEN its next deadline is one round timeout after its last progress
@@ -306,7 +317,14 @@ def test_round_timeout_republishes_then_neighbour_timeout_fails_naming_the_silen
     # WHEN it fires after the round timeout, a re-publishes its round-1 message
     out = a.on_timer(ROUND_TIMEOUT)
     assert [o.body["k"] for o in out] == [1]
-    assert a.next_deadline() == pytest.approx(2 * ROUND_TIMEOUT)
+    # AND each further re-send waits twice as long as the one before: 2, 6, 14 s
+    assert a.next_deadline() == pytest.approx(ROUND_TIMEOUT + 2 * ROUND_TIMEOUT)
+    assert len(a.on_timer(3 * ROUND_TIMEOUT)) == 1
+    assert a.next_deadline() == pytest.approx(3 * ROUND_TIMEOUT + 4 * ROUND_TIMEOUT)
+    assert a.on_timer(7 * ROUND_TIMEOUT - 0.1) == []
+    assert len(a.on_timer(7 * ROUND_TIMEOUT)) == 1
+    # ... until the neighbour timeout, which the backoff never postpones
+    assert a.next_deadline() == pytest.approx(NEIGHBOUR_TIMEOUT)
     assert not a.done
     # WHEN the neighbour timeout passes without progress
     assert a.on_timer(NEIGHBOUR_TIMEOUT) == []
@@ -316,10 +334,24 @@ def test_round_timeout_republishes_then_neighbour_timeout_fails_naming_the_silen
     assert a.on_timer(NEIGHBOUR_TIMEOUT + 100) == []
 
 
+def test_progress_resets_the_resend_backoff() -> None:
+    # GIVEN a triangle where a, missing c's round 1, has re-sent twice (at 2 s and 6 s)
+    net = Network(triangle(TIMING)).start()
+    a = net.cores["a"]
+    net.deliver("b", "a")
+    assert len(a.on_timer(ROUND_TIMEOUT)) == 1 and len(a.on_timer(3 * ROUND_TIMEOUT)) == 1
+    # WHEN c's round 1 arrives at 7 s and a completes the round
+    net.now = 7.0
+    net.deliver("c", "a")
+    assert a.round == 2
+    # THEN its next re-send is again one round timeout after that progress
+    assert a.next_deadline() == pytest.approx(7.0 + ROUND_TIMEOUT)
+
+
 def test_a_lost_message_is_recovered_by_the_round_timeout() -> None:
     # GIVEN a triangle where b's round-3 message to c is lost in transit
     reference = fifo_outcome(triangle())
-    net = Network(triangle()).start()
+    net = Network(triangle(TIMING)).start()
     lost = False
     while net.order:
         sender, receiver = net.order[0]
@@ -367,7 +399,9 @@ def test_max_iterations_stops_everyone_unconverged_on_the_same_round() -> None:
             assert outcomes[other].trades[pid] == (-kwh, price)
 
 
-@pytest.mark.parametrize("make", [triangle, line, ring_with_chord, community], ids=["triangle", "line", "ring-chord", "full-4"])
+@pytest.mark.parametrize(
+    "make", [triangle, line, ring_with_chord, community], ids=["triangle", "line", "ring-chord", "full-4"]
+)
 def test_fifo_run_converges_with_one_message_per_round(make: Any) -> None:
     # GIVEN a small community; WHEN it runs with FIFO delivery
     net = Network(make()).start()

@@ -204,8 +204,8 @@ def test_each_peer_is_balanced_within_its_limits(case: str) -> None:
         # without one q = Σ z_ij may miss a limit by the stopping tolerance
         slack = 1e-12 if grid is not None else 1e-4 * max(1.0, sum(abs(k) for k, _ in o.trades.values()))
         assert spec.min_kwh - slack <= o.net_demand <= spec.max_kwh + slack, (pid, o.net_demand)
-        # AND its net demand is the optimal one, to the same tolerance
-        assert o.net_demand == pytest.approx(run.optimum.net_demand[pid], abs=2e-2)
+        # AND its net demand is the optimal one (unique where the cost is strictly convex)
+        assert o.net_demand == pytest.approx(run.optimum.net_demand[pid], abs=5e-3)
 
 
 @pytest.mark.parametrize("case", list(CASES))
