@@ -239,7 +239,7 @@ def test_admm_setting_defaults_are_the_documented_ones() -> None:
         "adapt_rho": True,
         "adapt_until": 500,
         "initial_price": None,
-        "round_timeout_s": 2.0,
+        "round_timeout_s": 10.0,
         "neighbour_timeout_s": 30.0,
     }
     doc = (Path(__file__).resolve().parents[2] / "docs" / "scenario.md").read_text()
