@@ -116,10 +116,12 @@ def write_report(result: Mapping[str, Any], directory: Path) -> list[Path]:
         bar = fig.colorbar(mappable, ax=ax, shrink=0.7, label="price [currency/kWh]")
         bar.formatter.set_useOffset(False)
         bar.update_ticks()
+    marker = 120 if len(ids) <= 60 else max(6, 7200 // len(ids))
     for pid in ids:
         net = result["peers"][pid]["net_demand"]
-        ax.scatter(*pos[pid], s=120, color="tab:orange" if net < 0 else "tab:blue", zorder=3)
-        ax.annotate(pid, pos[pid], xytext=(6, 6), textcoords="offset points", fontsize=8)
+        ax.scatter(*pos[pid], s=marker, color="tab:orange" if net < 0 else "tab:blue", zorder=3)
+        if len(ids) <= 60:  # beyond that, labels only cover each other
+            ax.annotate(pid, pos[pid], xytext=(6, 6), textcoords="offset points", fontsize=8)
     ax.set_title("Trades: seller → buyer (width ∝ kWh; orange = net producer)")
     ax.set_aspect("equal")
     ax.axis("off")
