@@ -31,6 +31,7 @@ Run from the repository root:
         [--topologies full,sparse] [--peers-per-process K] [--seed S] [--no-mqtt]
         [--admm "round_timeout_s = 10"] [--telemetry]
     python tests/benchmarks/bench_admm.py --sweep [--sizes 10,50,100,200] [--seeds 5]
+        [--kinds grid,grid-fee,nogrid,nogrid-fee] [--admm "adapt_rho = false"]
 """
 
 from __future__ import annotations
@@ -222,11 +223,11 @@ async def measure(n: int, topology: str, args: argparse.Namespace, workdir: Path
     return row
 
 
-KINDS: dict[str, dict[str, Any]] = {
-    "grid": {},
-    "grid + fee 0.01": {"fee": 0.01},
-    "no grid": {"grid": False},
-    "no grid + fee 0.01": {"grid": False, "fee": 0.01},
+KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "grid": ("grid", {}),
+    "grid-fee": ("grid + fee 0.01", {"fee": 0.01}),
+    "nogrid": ("no grid", {"grid": False}),
+    "nogrid-fee": ("no grid + fee 0.01", {"grid": False, "fee": 0.01}),
 }
 
 
@@ -235,7 +236,8 @@ def sweep(args: argparse.Namespace) -> None:
     print()
     print("| community | topology | N | to eps_rel 1e-3 | to eps_rel 1e-4 (default) | worst gap at 1e-4 |")
     print("|---|---|---:|---:|---:|---:|")
-    for kind, kwargs in KINDS.items():
+    for kind in args.kinds:
+        label, kwargs = KINDS[kind]
         for topology in args.topologies:
             for n in args.sizes:
                 if topology == "full" and n > args.sweep_full_max:
@@ -243,7 +245,7 @@ def sweep(args: argparse.Namespace) -> None:
                 counts: dict[float, list[int]] = {1e-3: [], 1e-4: []}
                 worst = 0.0
                 for seed in range(args.seeds):
-                    scenario = community(n, seed, topology, **kwargs)
+                    scenario = with_settings(community(n, seed, topology, **kwargs), **args.admm)
                     for eps in counts:
                         outcomes = drive_cores(with_settings(scenario, eps_rel=eps))
                         counts[eps].append(max(o.iterations for o in outcomes.values()))
@@ -251,7 +253,7 @@ def sweep(args: argparse.Namespace) -> None:
                             optimum = social_optimum(scenario).social_cost
                             worst = max(worst, abs(gap(sum(o.cost for o in outcomes.values()), optimum)))
                 cells = [f"{int(np.median(c))} [{min(c)}–{max(c)}]" for c in counts.values()]
-                print(f"| {kind} | {topology} | {n} | {cells[0]} | {cells[1]} | {worst:.1e} |", flush=True)
+                print(f"| {label} | {topology} | {n} | {cells[0]} | {cells[1]} | {worst:.1e} |", flush=True)
 
 
 async def main() -> None:
@@ -271,6 +273,7 @@ async def main() -> None:
     )  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="iteration distribution over seeds, cores only")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per cell in --sweep")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"communities in --sweep: {', '.join(KINDS)}")
     parser.add_argument("--sweep-full-max", type=int, default=50, help="largest full-topology N in --sweep")
     parser.add_argument(
         "--admm", default="", help='[market.admm] settings for every run, TOML, ";"-separated: "round_timeout_s = 10"'
@@ -280,6 +283,7 @@ async def main() -> None:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.topologies = [t.strip() for t in args.topologies.split(",")]
     args.admm = tomllib.loads(args.admm.replace(";", "\n"))
+    args.kinds = [k.strip() for k in args.kinds.split(",")]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     print(
         f"# bench_admm: {' '.join(sys.argv[1:]) or '(defaults)'}\n"
