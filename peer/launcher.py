@@ -211,10 +211,13 @@ async def _collect(
             deadline_monotonic = min(deadline_monotonic, now + 2.0)
         if now > deadline_monotonic:
             if all(p.returncode is not None for p in processes):
-                return
-            raise RunError(f"run timed out after {options.timeout_s:g} s")
+                if conn.pending == 0:
+                    return
+                # reports queued behind telemetry still count: drain before giving up
+            else:
+                raise RunError(f"run timed out after {options.timeout_s:g} s")
         try:
-            incoming = await conn.receive(timeout=min(0.25, deadline_monotonic - now))
+            incoming = await conn.receive(timeout=max(0.05, min(0.25, deadline_monotonic - now)))
             monitor.observe(incoming.channel, incoming.envelope, time.monotonic())
         except TimeoutError:
             pass

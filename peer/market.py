@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 REPORT_TYPE = "admm.report"
 READY_TYPE = "admm.ready"
 READY_INTERVAL_S = 1.0
+READY_MAX_INTERVAL_S = 8.0
 FAILED_TYPE = "session.failed"
 
 
@@ -139,10 +140,10 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
     """Wait until every neighbour is listening; return what arrived early, in order.
 
     Each peer publishes ``admm.ready`` on its market topic once subscribed, and again
-    every second until it has heard from every neighbour. Hearing anything from a
+    after 1, 2, 4, 8, 8 … s until it has heard from every neighbour. Hearing anything from a
     neighbour on its market topic proves it subscribed to ours before sending it, so
     our round-1 message will reach it. This relies on no broker feature (retained
-    births proved lossy on amqtt) and costs one small message a second while waiting.
+    births proved lossy on amqtt) and costs a few small messages while waiting.
 
     Raises:
         TimeoutError: naming the neighbours never heard from.
@@ -152,6 +153,7 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
     heard: set[str] = set()
     early: list[Incoming] = []
     next_ready = loop.time()
+    interval = READY_INTERVAL_S
     while missing := sorted(set(neighbours) - heard):
         now = loop.time()
         if now >= deadline:
@@ -159,7 +161,10 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
             raise TimeoutError(f"{len(missing)} neighbour(s) not heard from after {timeout:g} s: {shown}")
         if now >= next_ready:
             await conn.publish("market", READY_TYPE, {})
-            next_ready = now + READY_INTERVAL_S
+            next_ready = now + interval
+            # back off: with ~200 neighbours, one ready a second each is more signature
+            # checks than two cores can do, and the backlog would only grow
+            interval = min(2 * interval, READY_MAX_INTERVAL_S)
         try:
             incoming = await conn.receive(min(next_ready, deadline) - now)
         except TimeoutError:

@@ -160,8 +160,7 @@ def print_rows(rows: list[Row], broker: str) -> None:
             f"| {_fmt(r.mqtt_mbytes, '.2f')} | {_fmt(r.bus_iterations)} | {_fmt(r.bus_messages)} "
             f"| {_fmt(r.bus_mbytes, '.2f')} | {_fmt(r.bus_wall_s, '.1f')} "
             f"| {_fmt(r.mqtt_gap if r.mqtt_gap is not None else r.bus_gap, '.1e')} "
-            f"| {_fmt(r.bus_iterations_1e3)} | {_fmt(r.bus_gap_1e3, '.1e')} |"
-            + (f" {r.note}" if r.note else "")
+            f"| {_fmt(r.bus_iterations_1e3)} | {_fmt(r.bus_gap_1e3, '.1e')} |" + (f" {r.note}" if r.note else "")
         )
     print()
 

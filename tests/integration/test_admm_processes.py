@@ -34,10 +34,11 @@ TEN = random_community(10, 3, fee=0.01, name="admm-ten")  # grid 0.30/0.08 and a
 RUN_TIMEOUT = 60.0  # [s] per run; ten processes start in ~5 s on two cores
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
+# the result document's keys (DESIGN.md §2)
 RESULT_KEYS = {
     "scenario", "mechanism", "converged", "iterations", "social_cost", "grid_only_cost",
     "wall_seconds", "messages", "peers", "trades",
-}  # fmt: skip  (DESIGN.md §2)
+}  # fmt: skip
 PEER_KEYS = {"net_demand", "community_import", "grid_import", "payment", "cost"}
 TRADE_KEYS = {"buyer", "seller", "kwh", "price"}
 
@@ -50,8 +51,7 @@ def scenario() -> Scenario:
 def in_memory() -> BusResult:
     s = scenario()
     keys = {
-        pid: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(pid.encode()).digest())
-        for pid in s.public.peer_ids
+        pid: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(pid.encode()).digest()) for pid in s.public.peer_ids
     }
     return run_in_memory(s, keys)
 
