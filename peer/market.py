@@ -104,12 +104,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
             if incoming.channel == "report":
                 finished.add(incoming.envelope.sender)
                 continue
-            try:
-                outgoing = core.receive(incoming.envelope, loop.time())
-            except ProtocolError as exc:
-                conn.drops[exc.reason] += 1
-                continue
-            await _send(conn, outgoing)
+            await _feed(conn, core, incoming, loop.time())
         if core.failure is not None:
             return await _fail(conn, core.failure)
         assert core.outcome is not None
@@ -129,10 +124,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
             if incoming.channel == "report":
                 finished.add(incoming.envelope.sender)
             elif incoming.channel == "market":
-                try:
-                    await _send(conn, core.receive(incoming.envelope, loop.time()))
-                except ProtocolError as exc:
-                    conn.drops[exc.reason] += 1
+                await _feed(conn, core, incoming, loop.time())
         return report
 
 
@@ -174,6 +166,17 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
         if incoming.envelope.type != READY_TYPE:
             early.append(incoming)
     return early
+
+
+async def _feed(conn: PeerConnection, core: AdmmPeer, incoming: Incoming, now: float) -> None:
+    """Hand a verified market message to the core and publish its answer; a message the
+    core refuses is counted as a drop, never fatal."""
+    try:
+        outgoing = core.receive(incoming.envelope, now)
+    except ProtocolError as exc:
+        conn.drops[exc.reason] += 1
+        return
+    await _send(conn, outgoing)
 
 
 async def _send(conn: PeerConnection, items: list[Outgoing]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
@@ -121,8 +120,3 @@ async def watch(
             live.update(render(state.snapshot(loop.time())))
     return state
 
-
-def load_monitor_key(path: Path) -> Any:
-    from wattmesh.peer.keys import load_private_key
-
-    return load_private_key(path)

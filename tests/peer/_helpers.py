@@ -7,11 +7,12 @@ Imported as ``from _helpers import ...`` (pytest puts each test directory on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,6 +63,14 @@ def connect(
         url=url,
         sequence=sequence,
     )
+
+
+@contextlib.asynccontextmanager
+async def connected_pair(community: str, url: str) -> AsyncIterator[tuple[PeerConnection, PeerConnection]]:
+    """Peers "a" and "b" of ``community``, each with its own key, both connected."""
+    keys, roster = make_keys("a", "b")
+    async with connect("a", keys, roster, community, url) as a, connect("b", keys, roster, community, url) as b:
+        yield a, b
 
 
 async def wait_presence(

@@ -19,6 +19,7 @@ from _helpers import (
     RawPublisher,
     client_socket,
     connect,
+    connected_pair,
     drop_abruptly,
     make_keys,
     pack,
@@ -35,11 +36,7 @@ from wattmesh.peer.sequence import SequenceStore
 
 async def test_market_message_reaches_a_subscribed_neighbour(any_broker: BrokerHandle) -> None:
     community = unique_community()
-    keys, roster = make_keys("a", "b")
-    async with (
-        connect("a", keys, roster, community, any_broker.url) as a,
-        connect("b", keys, roster, community, any_broker.url) as b,
-    ):
+    async with connected_pair(community, any_broker.url) as (a, b):
         await b.subscribe("market", ["a"])
         await a.publish("market", "admm.round", ROUND_BODY)
         incoming = await b.receive(TIMEOUT)
@@ -60,11 +57,7 @@ async def test_market_message_reaches_a_subscribed_neighbour(any_broker: BrokerH
 
 async def test_inbox_request_and_reply(any_broker: BrokerHandle) -> None:
     community = unique_community()
-    keys, roster = make_keys("a", "b")
-    async with (
-        connect("a", keys, roster, community, any_broker.url) as a,
-        connect("b", keys, roster, community, any_broker.url) as b,
-    ):
+    async with connected_pair(community, any_broker.url) as (a, b):
         await a.publish("inbox", "negotiation.offer", {"kwh": 1.5, "price": 0.21}, to="b")
         request = await b.receive(TIMEOUT)
         await b.publish("inbox", "negotiation.accept", {"kwh": 1.5}, to=request.envelope.sender)
@@ -86,11 +79,7 @@ async def test_inbox_request_and_reply(any_broker: BrokerHandle) -> None:
 
 async def test_a_burst_arrives_complete_and_in_order(any_broker: BrokerHandle) -> None:
     community = unique_community()
-    keys, roster = make_keys("a", "b")
-    async with (
-        connect("a", keys, roster, community, any_broker.url) as a,
-        connect("b", keys, roster, community, any_broker.url) as b,
-    ):
+    async with connected_pair(community, any_broker.url) as (a, b):
         await b.subscribe("market", ["a"])
         for k in range(1, 51):
             await a.publish("market", "admm.round", {**ROUND_BODY, "k": k})
@@ -119,11 +108,7 @@ async def test_client_socket_has_nagle_disabled(any_broker: BrokerHandle) -> Non
 
 async def test_announce_makes_a_peer_online(any_broker: BrokerHandle) -> None:
     community = unique_community()
-    keys, roster = make_keys("a", "b")
-    async with (
-        connect("a", keys, roster, community, any_broker.url) as a,
-        connect("b", keys, roster, community, any_broker.url) as b,
-    ):
+    async with connected_pair(community, any_broker.url) as (a, b):
         await b.subscribe("presence", ["a"])
         assert not b.online("a")
         await a.announce()
@@ -144,11 +129,7 @@ async def test_late_subscriber_sees_the_retained_birth(any_broker: BrokerHandle)
 
 async def test_last_will_marks_a_dropped_peer_offline(any_broker: BrokerHandle) -> None:
     community = unique_community()
-    keys, roster = make_keys("a", "b")
-    async with (
-        connect("a", keys, roster, community, any_broker.url) as a,
-        connect("b", keys, roster, community, any_broker.url) as b,
-    ):
+    async with connected_pair(community, any_broker.url) as (a, b):
         await b.subscribe("presence", ["a"])
         await a.announce()
         await b.wait_online(["a"], TIMEOUT)
@@ -199,11 +180,7 @@ async def test_restarted_peer_is_online_again(any_broker: BrokerHandle, tmp_path
 
 async def test_wait_online_names_the_missing_peers(any_broker: BrokerHandle) -> None:
     community = unique_community()
-    keys, roster = make_keys("a", "b")
-    async with (
-        connect("a", keys, roster, community, any_broker.url) as a,
-        connect("b", keys, roster, community, any_broker.url) as b,
-    ):
+    async with connected_pair(community, any_broker.url) as (a, b):
         await b.subscribe("presence", ["a", "zed"])
         await a.announce()
         await b.wait_online(["a"], TIMEOUT)
