@@ -1,4 +1,4 @@
-"""Run one peer's market session: the asyncio shell around an :class:`AdmmPeer` core.
+"""Run one peer's market session: the asyncio shell around a mechanism core.
 
 The shell owns time (``loop.time()`` is passed to the core as ``now``), the MQTT
 connection and the report; the core owns every decision. Every wait has a deadline:
@@ -18,16 +18,15 @@ from typing import Any
 from wattmesh.peer.connection import Incoming, PeerConnection
 from wattmesh.peer.keys import load_private_key
 from wattmesh.peer.sequence import SequenceStore
-from wattmesh.protocols.admm import AdmmPeer, Outgoing
 from wattmesh.protocols.errors import ProtocolError
 from wattmesh.protocols.identity import Roster
+from wattmesh.protocols.mechanism import MarketCore, Outgoing, create_core
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 
 __all__ = ["PeerJob", "run_peer"]
 
 logger = logging.getLogger(__name__)
-REPORT_TYPE = "admm.report"
-READY_TYPE = "admm.ready"
+READY_TYPE = "market.ready"
 READY_INTERVAL_S = 1.0
 READY_MAX_INTERVAL_S = 8.0
 FAILED_TYPE = "session.failed"
@@ -70,7 +69,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
     Returns:
         The report body this peer signed and published.
     """
-    core = AdmmPeer(job.spec, job.public, job.horizon)
+    core = create_core(job.spec, job.public, job.horizon)
     roster = Roster.from_toml(job.roster_toml)
     sequence = SequenceStore(None if job.state_dir is None else job.state_dir / f"{job.spec.id}.seq")
     loop = asyncio.get_running_loop()
@@ -112,10 +111,10 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
         report["messages"] = conn.published + 1  # + this report
         report["bytes"] = conn.bytes_published
         report["drops"] = dict(conn.drops)
-        await conn.publish("report", REPORT_TYPE, report)
+        await conn.publish("report", f"{job.public.mechanism}.report", report)
         # Linger until every neighbour has reported too: one of them may still need a
         # re-send of our last round. Bounded by the neighbour timeout.
-        linger_until = loop.time() + core.settings.neighbour_timeout_s
+        linger_until = loop.time() + core.linger_s
         while finished < set(core.neighbours) and loop.time() < linger_until:
             try:
                 incoming = await conn.receive(linger_until - loop.time())
@@ -123,7 +122,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
                 break
             if incoming.channel == "report":
                 finished.add(incoming.envelope.sender)
-            elif incoming.channel == "market":
+            elif incoming.channel in ("market", "inbox"):
                 await _feed(conn, core, incoming, loop.time())
         return report
 
@@ -131,7 +130,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
 async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], timeout: float) -> list[Incoming]:
     """Wait until every neighbour is listening; return what arrived early, in order.
 
-    Each peer publishes ``admm.ready`` on its market topic once subscribed, and again
+    Each peer publishes ``market.ready`` on its market topic once subscribed, and again
     after 1, 2, 4, 8, 8 … s until it has heard from every neighbour. Hearing anything from a
     neighbour on its market topic proves it subscribed to ours before sending it, so
     our round-1 message will reach it. This relies on no broker feature (retained
@@ -168,7 +167,7 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
     return early
 
 
-async def _feed(conn: PeerConnection, core: AdmmPeer, incoming: Incoming, now: float) -> None:
+async def _feed(conn: PeerConnection, core: MarketCore, incoming: Incoming, now: float) -> None:
     """Hand a verified market message to the core and publish its answer; a message the
     core refuses is counted as a drop, never fatal."""
     try:
@@ -183,6 +182,8 @@ async def _send(conn: PeerConnection, items: list[Outgoing]) -> None:
     for item in items:
         if item.channel in ("market", "telemetry"):
             await conn.publish(item.channel, item.type, item.body)
+        elif item.channel == "inbox":
+            await conn.publish("inbox", item.type, item.body, to=item.to)
         # the core's own report is published by run_peer with the traffic counters
 
 

@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
+from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.wire import Envelope
 
@@ -71,8 +72,10 @@ __all__ = [
     "LocalSolution",
     "Outgoing",
     "PeerOutcome",
+    "create",
     "solve_local_step",
     "standalone_cost",
+    "validate_settings",
 ]
 
 ROUND_TYPE = "admm.round"
@@ -106,35 +109,7 @@ class AdmmSettings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> AdmmSettings:
         """Build from a TOML table; unknown keys and wrong types raise ``ValueError``."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"unknown setting {key!r} (allowed: {', '.join(known)})")
-            default = known[key].default
-            if isinstance(default, bool):
-                ok = isinstance(value, bool)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not ok:
-                raise ValueError(f"setting {key!r} has the wrong type ({type(value).__name__})")
-            kwargs[key] = value
-        return cls(**kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message the shell must sign and publish.
-
-    ``channel`` is ``"market"`` (the sender's own market topic, read by its
-    neighbours), ``"telemetry"`` (per-round status for monitors) or ``"report"``.
-    """
-
-    channel: str
-    type: str
-    body: Mapping[str, Any]
+        return settings_from_mapping(cls, values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,35 +257,6 @@ def _best_net_demand(spec: PeerSpec, grid: tuple[float, float], community_import
     return q + solve_local_step(shifted, grid, empty, empty, empty, empty, empty, empty).net_demand
 
 
-@dataclass(frozen=True, slots=True)
-class PeerOutcome:
-    """What a peer reports when the market has cleared (all values signed by it)."""
-
-    peer_id: str
-    converged: bool
-    iterations: int
-    net_demand: float
-    community_import: float
-    grid_import: float
-    payment: float
-    cost: float
-    grid_only_cost: float | None  # its cost trading with nobody (None: no feasible point)
-    trades: Mapping[str, tuple[float, float]]  # neighbour -> (import kWh, price)
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "converged": self.converged,
-            "iterations": self.iterations,
-            "net_demand": self.net_demand,
-            "community_import": self.community_import,
-            "grid_import": self.grid_import,
-            "payment": self.payment,
-            "cost": self.cost,
-            "grid_only_cost": self.grid_only_cost,
-            "trades": {j: [kwh, price] for j, (kwh, price) in self.trades.items()},
-        }
-
-
 @dataclass(slots=True)
 class _Pending:
     """Round messages received ahead of use: round -> neighbour -> body."""
@@ -369,6 +315,10 @@ class AdmmPeer:
     @property
     def done(self) -> bool:
         return self.outcome is not None or self.failure is not None
+
+    @property
+    def linger_s(self) -> float:
+        return self.settings.neighbour_timeout_s
 
     def start(self, now: float, *, start_grace_s: float = 0.0) -> list[Outgoing]:
         """First local step from zero trades; returns the round-1 message.
@@ -582,3 +532,13 @@ class AdmmPeer:
             {j: (float(self.center[i]), float(self.price[i])) for i, j in enumerate(self.neighbours)},
         )  # fmt: skip
         return [Outgoing("report", "admm.report", self.outcome.to_body())]
+
+
+def create(spec: PeerSpec, public: PublicScenario, horizon: int) -> AdmmPeer:
+    """The mechanism registry's entry point (:func:`wattmesh.protocols.mechanism.create_core`)."""
+    return AdmmPeer(spec, public, horizon)
+
+
+def validate_settings(settings: Mapping[str, Any]) -> None:
+    """Check ``[market.admm]``; raises ``ValueError`` naming the bad setting."""
+    AdmmSettings.from_mapping(settings)

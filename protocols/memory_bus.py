@@ -2,7 +2,9 @@
 
 It passes *encoded, signed frames* between the cores exactly as MQTT would, so a unit
 test or a 10,000-peer simulation exercises the same wire and core code as a real run.
-Delivery order is first-in first-out; nothing is lost.
+Delivery order is first-in first-out; nothing is lost. Time is virtual: it stands still
+while messages are in flight and jumps to the earliest core deadline when none are, so
+mechanisms with round deadlines run here too, instantly.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from wattmesh.protocols.admm import AdmmPeer, Outgoing, PeerOutcome
 from wattmesh.protocols.identity import Roster
+from wattmesh.protocols.mechanism import MarketCore, Outgoing, PeerOutcome, create_core
 from wattmesh.protocols.scenario import Scenario
 from wattmesh.protocols.topology import diameter
 from wattmesh.protocols.wire import Envelope, Verifier, encode
@@ -46,36 +48,49 @@ def run_in_memory(
     public = scenario.public
     roster = Roster({pid: keys[pid].public_key() for pid in public.peer_ids})
     horizon = diameter(public.links)
-    cores = {pid: AdmmPeer(scenario.peers[pid], public, horizon) for pid in public.peer_ids}
+    cores: dict[str, MarketCore] = {pid: create_core(scenario.peers[pid], public, horizon) for pid in public.peer_ids}
+    listeners: dict[str, list[str]] = {pid: [] for pid in public.peer_ids}
+    for pid, core in cores.items():
+        for other in core.neighbours:
+            listeners[other].append(pid)
     verifiers = {pid: Verifier(roster, public.name, session) for pid in public.peer_ids}
     seq = dict.fromkeys(public.peer_ids, 0)
-    queue: deque[tuple[str, bytes]] = deque()
+    queue: deque[tuple[str, bytes, str | None]] = deque()
     traffic = [0, 0]
+    now = 0.0
 
     def publish(sender: str, items: list[Outgoing]) -> None:
         for item in items:
-            if item.channel != "market":
-                continue  # reports are read off the cores directly
+            if item.channel not in ("market", "inbox"):
+                continue  # reports and telemetry are read off the cores directly
             seq[sender] += 1
             frame = encode(
-                Envelope(item.type, sender, public.name, session, seq[sender], 0, item.body),
+                Envelope(item.type, sender, public.name, session, seq[sender], int(now * 1000), item.body),
                 keys[sender],
             )
             traffic[0] += 1
             traffic[1] += len(frame)
-            queue.append((sender, frame))
+            queue.append((sender, frame, item.to))
 
     for pid, core in cores.items():
-        publish(pid, core.start(0.0))
+        publish(pid, core.start(now))
     deliveries = 0
-    while queue:
-        sender, frame = queue.popleft()
-        for receiver in public.links[sender]:
-            deliveries += 1
-            envelope = verifiers[receiver].verify(frame)
-            publish(receiver, cores[receiver].receive(envelope, 0.0))
-        if deliveries > max_deliveries:
-            raise RuntimeError("delivery budget exhausted")
+    while True:
+        while queue:
+            sender, frame, to = queue.popleft()
+            for receiver in listeners[sender] if to is None else [to]:
+                deliveries += 1
+                envelope = verifiers[receiver].verify(frame)
+                publish(receiver, cores[receiver].receive(envelope, now))
+            if deliveries > max_deliveries:
+                raise RuntimeError("delivery budget exhausted")
+        deadlines = [(d, pid) for pid, c in cores.items() if not c.done and (d := c.next_deadline()) is not None]
+        if not deadlines:
+            break
+        now = max(now, min(deadlines)[0])
+        for d, pid in deadlines:
+            if d <= now:
+                publish(pid, cores[pid].on_timer(now))
     failed = {pid: c.failure for pid, c in cores.items() if c.failure}
     if failed:
         raise RuntimeError(f"cores failed: {failed}")

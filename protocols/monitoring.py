@@ -17,8 +17,9 @@ from wattmesh.protocols.wire import Envelope
 
 __all__ = ["IterationSummary", "MonitorState", "PeerStatus", "Snapshot"]
 
-STATUS_TYPE = "admm.status"
-REPORT_TYPE = "admm.report"
+STATUS_SUFFIX = ".status"
+"""Per-round telemetry of any mechanism is ``<mechanism>.status``."""
+REPORT_SUFFIX = ".report"
 FAILED_TYPE = "session.failed"
 LATE_AFTER_S = 2.0
 """A peer is late when it has not reported the current iteration for this long."""
@@ -114,9 +115,9 @@ class MonitorState:
         if envelope.session != self.session:
             return  # a monitor follows one session at a time: the first it sees
         status.online = True
-        if channel == "telemetry" and envelope.type == STATUS_TYPE:
+        if channel == "telemetry" and envelope.type.endswith(STATUS_SUFFIX):
             self._on_status(envelope.sender, status, body, now)
-        elif channel == "report" and envelope.type == REPORT_TYPE:
+        elif channel == "report" and envelope.type.endswith(REPORT_SUFFIX):
             status.finished = True
             self.reports[envelope.sender] = body
         elif channel == "report" and envelope.type == FAILED_TYPE:

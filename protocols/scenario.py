@@ -217,10 +217,10 @@ def parse_scenario(text: str, *, source: str = "scenario") -> Scenario:
             isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63
         ):
             raise market.error(f"{mechanism}.{key}", "must be a finite number")
-    from wattmesh.protocols import admm  # the mechanism validates its own settings
+    from wattmesh.protocols.mechanism import validate_settings  # each mechanism checks its own
 
     try:
-        admm.AdmmSettings.from_mapping(settings)
+        validate_settings(mechanism, settings)
     except ValueError as exc:
         raise ScenarioError(source, f"market.{mechanism}", str(exc)) from None
 
