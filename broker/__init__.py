@@ -6,8 +6,13 @@ installed) and Mosquitto with a generated configuration (faster; the one to depl
     async with start_broker("auto") as broker:   # Mosquitto if installed, else embedded
         print(broker.kind, broker.url)
 
+    files = write_security(Path("secure"), "demo", roster)   # per-peer passwords + ACL
+    security = MosquittoSecurity(files.acl, password_path=files.password_file)
+    async with start_broker("mosquitto", security=security) as broker: ...
+
 :class:`BrokerProcess` is the same without asyncio. The broker relays messages; it is
-never trusted with their correctness (peers sign and verify every message).
+never trusted with their correctness (peers sign and verify every message). Its access
+control keeps peers off each other's topics and inboxes (docs/security.md).
 """
 
 from wattmesh.broker.errors import BrokerUnavailable
@@ -22,22 +27,38 @@ from wattmesh.broker.launch import (
 )
 from wattmesh.broker.mosquitto import (
     MosquittoConfig,
+    MosquittoSecurity,
     find_mosquitto,
     mosquitto_available,
     mosquitto_config_text,
 )
+from wattmesh.broker.security import (
+    DEFAULT_MONITOR,
+    SecurityFiles,
+    TlsFiles,
+    acl_text,
+    read_password,
+    write_security,
+)
 
 __all__ = [
+    "DEFAULT_MONITOR",
     "KINDS",
     "BrokerHandle",
     "BrokerKind",
     "BrokerProcess",
     "BrokerUnavailable",
     "MosquittoConfig",
+    "MosquittoSecurity",
+    "SecurityFiles",
+    "TlsFiles",
+    "acl_text",
     "find_mosquitto",
     "free_port",
     "mosquitto_available",
     "mosquitto_config_text",
+    "read_password",
     "resolve_kind",
     "start_broker",
+    "write_security",
 ]

@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Literal, NoReturn, cast, get_args
 
 from wattmesh.broker.errors import BrokerUnavailable
-from wattmesh.broker.mosquitto import MosquittoConfig, find_mosquitto, mosquitto_config_text
+from wattmesh.broker.mosquitto import MosquittoConfig, MosquittoSecurity, find_mosquitto, mosquitto_config_text
 
 __all__ = [
     "KINDS",
@@ -111,16 +111,18 @@ class BrokerHandle:
         kind: what was started (``"auto"`` already resolved).
         host: listening address.
         port: listening port.
+        tls: the listener speaks TLS (and wants a client certificate).
     """
 
     kind: BrokerKind
     host: str
     port: int
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        """``mqtt://host:port``."""
-        return f"mqtt://{format_address(self.host, self.port)}"
+        """``mqtt://host:port``, or ``mqtts://host:port`` for a TLS listener."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{format_address(self.host, self.port)}"
 
 
 class BrokerProcess:
@@ -134,9 +136,11 @@ class BrokerProcess:
         host: address to listen on.
         port: port to listen on; ``None`` picks a free one at :meth:`start`.
         ready_timeout: seconds the broker may take to answer [s].
+        security: Mosquitto only: passwords or client certificates and an ACL
+            (:mod:`wattmesh.broker.security`); ``None`` = anyone may connect.
 
     Raises:
-        ValueError: unknown ``kind``.
+        ValueError: unknown ``kind``, or ``security`` for a broker that is not Mosquitto.
     """
 
     def __init__(
@@ -146,8 +150,12 @@ class BrokerProcess:
         port: int | None = None,
         *,
         ready_timeout: float = 10.0,
+        security: MosquittoSecurity | None = None,
     ) -> None:
         self.kind: BrokerKind = resolve_kind(kind)
+        if security is not None and self.kind != "mosquitto":
+            raise ValueError(f"access control needs Mosquitto, not the {self.kind} broker")
+        self.security = security
         self.host = host
         self._requested_port = port
         self._ready_timeout = ready_timeout
@@ -267,7 +275,8 @@ class BrokerProcess:
 
         self._workdir = Path(tempfile.mkdtemp(prefix=f"wattmesh-{self.kind}-"))
         if mosquitto is not None:
-            config = MosquittoConfig(port, self.host, log_path=self._workdir / "mosquitto.log")
+            log_path = self._workdir / "mosquitto.log"
+            config = MosquittoConfig(port, self.host, log_path=log_path, security=self.security)
             config_path = self._workdir / "mosquitto.conf"
             config_path.write_text(mosquitto_config_text(config))
             argv = [mosquitto, "-c", str(config_path)]
@@ -292,7 +301,8 @@ class BrokerProcess:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        self._handle = BrokerHandle(self.kind, self.host, port)
+        tls = self.security is not None and self.security.tls is not None
+        self._handle = BrokerHandle(self.kind, self.host, port, tls=tls)
         logger.info("starting %s broker on %s (pid %d)", self.kind, address, self._process.pid)
         return time.monotonic() + self._ready_timeout
 
@@ -321,7 +331,10 @@ class BrokerProcess:
         """
         handle, process = self.handle, self._process
         assert process is not None, "_spawn() first"
-        accepting = _answers_mqtt(handle.host, handle.port)
+        # A TLS listener answers nothing before a handshake with a client certificate;
+        # accepting the TCP connection shows it is up (Mosquitto binds after loading
+        # its config, certificates included).
+        accepting = (_accepts_tcp if handle.tls else _answers_mqtt)(handle.host, handle.port)
         # Polled after the probe: a child that died right after accepting is not ready.
         code = process.poll()
         if code is None:
@@ -360,6 +373,15 @@ _PROBE_DISCONNECT = b"\xe0\x00"
 _CONNACK = 0x20
 
 
+def _accepts_tcp(host: str, port: int) -> bool:
+    """Whether something accepts a TCP connection on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _answers_mqtt(host: str, port: int) -> bool:
     """Whether a CONNECT to ``host:port`` gets a CONNACK.
 
@@ -384,6 +406,7 @@ async def start_broker(
     port: int | None = None,
     *,
     ready_timeout: float = 10.0,
+    security: MosquittoSecurity | None = None,
 ) -> AsyncIterator[BrokerHandle]:
     """Run a broker child process for the duration of an ``async with`` block.
 
@@ -396,15 +419,16 @@ async def start_broker(
         host: address to listen on.
         port: port to listen on; ``None`` picks a free one.
         ready_timeout: seconds the broker may take to answer [s].
+        security: Mosquitto only: access control (see :class:`BrokerProcess`).
 
     Yields:
         Where the broker listens.
 
     Raises:
         BrokerUnavailable: it could not be started (see :meth:`BrokerProcess.start`).
-        ValueError: unknown ``kind``.
+        ValueError: unknown ``kind``, or ``security`` for a broker that is not Mosquitto.
     """
-    process = BrokerProcess(kind, host, port, ready_timeout=ready_timeout)
+    process = BrokerProcess(kind, host, port, ready_timeout=ready_timeout, security=security)
     try:
         deadline = process._spawn()
         while not await asyncio.to_thread(process._is_ready, deadline):

@@ -188,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="run an MQTT broker (embedded amqtt or Mosquitto)", add_help=False)
     broker.add_argument("rest", nargs=argparse.REMAINDER)
     broker.set_defaults(func=_cmd_broker)
+    from wattmesh.broker.command import register_subcommands  # `wattmesh ca init|issue`
+
+    register_subcommands(sub)
 
     run = sub.add_parser("run", help="run every peer of a scenario on this host")
     run.add_argument("scenario", help="scenario TOML file")

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from wattmesh.broker.security import TlsFiles
 from wattmesh.peer.sequence import SequenceStore
 from wattmesh.protocols.errors import ProtocolError, WattmeshError
 from wattmesh.protocols.identity import Roster
@@ -49,12 +51,18 @@ class BrokerConnectionError(WattmeshError):
     """The broker could not be reached or dropped the connection."""
 
 
+_TLS_SCHEMES = ("mqtts", "ssl")
+
+
 def parse_url(url: str) -> tuple[str, int]:
-    """``mqtt://host:port`` (or ``host:port``) -> (host, port)."""
+    """``mqtt://host:port`` (or ``host:port``, or ``mqtts://host:port`` for TLS) -> (host, port).
+
+    The port defaults to 1883, or 8883 for ``mqtts``.
+    """
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-        raise ValueError(f"broker URL {url!r} must look like mqtt://host:port")
-    return parts.hostname, parts.port or 1883
+    if parts.scheme not in ("mqtt", "tcp", *_TLS_SCHEMES) or not parts.hostname:
+        raise ValueError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+    return parts.hostname, parts.port or (8883 if parts.scheme in _TLS_SCHEMES else 1883)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,9 @@ class PeerConnection:
         clock: Any = time.time,
         read_only: bool = False,
         max_pending: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | TlsFiles | None = None,
     ) -> None:
         """
         Args:
@@ -133,9 +144,19 @@ class PeerConnection:
             max_pending: bound on verified messages waiting to be read (0: unbounded);
                 beyond it new ones are dropped and counted as ``overflow``, so a slow
                 consumer (a terminal) never makes the connection fall behind.
+            username: broker login (docs/security.md); defaults to ``peer_id`` when a
+                ``password`` is given. A secured Mosquitto also makes it the MQTT
+                client id, whatever this connection asks for.
+            password: broker password (``wattmesh broker --secure`` writes one per peer).
+            tls: connect over TLS: an ``SSLContext``, or the CA, certificate and key
+                files of this peer (``wattmesh ca issue``); a broker that takes the
+                identity from the certificate needs no password. An ``mqtts://`` URL
+                without ``tls`` uses the system's trusted CAs.
         """
         if session is None and not read_only:
             raise ValueError("a connection that publishes needs a session")
+        if username is None and password is not None:
+            username = peer_id
         self.peer_id = peer_id
         self.session = session
         self.community = community
@@ -143,6 +164,12 @@ class PeerConnection:
         self._key = key
         self._roster = roster
         self._host, self._port = parse_url(url)
+        self._username, self._password = username, password
+        if isinstance(tls, TlsFiles):
+            tls = tls.client_context()
+        elif tls is None and urlsplit(url).scheme in _TLS_SCHEMES:
+            tls = ssl.create_default_context()
+        self._tls = tls
         self._sequence = sequence or SequenceStore(None)
         self._clock = clock
         self._verifiers: dict[tuple[str, str | None], Verifier] = {}  # see _verifier()
@@ -170,16 +197,20 @@ class PeerConnection:
             self._host,
             self._port,
             identifier=f"wm-{self.community}-{self.peer_id}",
+            username=self._username,
+            password=self._password,
+            tls_context=self._tls,
             will=will,
             clean_session=True,
             socket_options=[_NODELAY],
             keepalive=30,
-            timeout=10,
+            timeout=60,  # an operation waits this long for its ack: amqtt on a busy 2-core host took >10 s
         )
         try:
             await self._client.__aenter__()
         except aiomqtt.MqttError as exc:
-            raise BrokerConnectionError(f"cannot connect to mqtt://{self._host}:{self._port}: {exc}") from None
+            scheme = "mqtt" if self._tls is None else "mqtts"
+            raise BrokerConnectionError(f"cannot connect to {scheme}://{self._host}:{self._port}: {exc}") from None
         # aiomqtt 2.5 can set "Unexpected disconnection" (code 128) on its private
         # disconnect future after a clean DISCONNECT, when nobody awaits it any more;
         # mark it retrieved so asyncio does not log "Future exception was never retrieved".
@@ -259,7 +290,11 @@ class PeerConnection:
         # for some topics of a multi-topic SUBSCRIBE; measured 4 of 20 peers never seen
         # online, none with one topic per packet. Mosquitto is indifferent.
         for peer in peers:
-            await self._client.subscribe(self.topics.of(channel, peer), qos=_QOS[channel])
+            topic = self.topics.of(channel, peer)
+            try:
+                await self._client.subscribe(topic, qos=_QOS[channel])
+            except aiomqtt.MqttError as exc:
+                raise BrokerConnectionError(f"subscribe to {topic} failed: {exc}") from None
 
     async def receive(self, timeout: float | None = None) -> Incoming:
         """Next verified non-presence message.

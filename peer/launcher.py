@@ -26,7 +26,7 @@ from wattmesh.peer.connection import PeerConnection
 from wattmesh.peer.keys import generate_key, write_roster
 from wattmesh.peer.market import PeerJob
 from wattmesh.protocols.errors import ScenarioError, WattmeshError
-from wattmesh.protocols.monitoring import MonitorState
+from wattmesh.protocols.monitoring import MonitorState, PeerStatus
 from wattmesh.protocols.result import aggregate_reports
 from wattmesh.protocols.scenario import Scenario, parse_scenario
 from wattmesh.protocols.topology import diameter
@@ -130,7 +130,7 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
             ]
             options.progress(f"started {len(ids)} peers in {len(processes)} processes (session {session})")
             try:
-                await _collect(conn, monitor, processes, started + options.timeout_s, options)
+                await _collect(conn, monitor, processes, groups, started + options.timeout_s, options)
             finally:
                 # finished peers linger briefly for their neighbours, then exit by themselves
                 with contextlib.suppress(TimeoutError):
@@ -194,14 +194,32 @@ async def _collect(
     conn: PeerConnection,
     monitor: MonitorState,
     processes: list[asyncio.subprocess.Process],
+    groups: list[list[str]],
     deadline_monotonic: float,
     options: RunOptions,
 ) -> None:
-    """Fold reports (and telemetry) into ``monitor`` until every peer has ended."""
+    """Fold reports (and telemetry) into ``monitor`` until every peer has ended.
+
+    A worker that exits leaves 2 s for its reports to arrive; its peers still silent
+    then are failed ("exited before reporting"), not waited for until the run timeout.
+    """
     total = monitor.expected_peers or 0
     last_line = 0.0
     last_watch = 0.0
+    exited: dict[int, float] = {}
     while True:
+        for index, process in enumerate(processes):
+            if process.returncode is None:
+                continue
+            since = exited.setdefault(index, time.monotonic())
+            if time.monotonic() - since > 2.0 and conn.pending == 0:
+                for pid in groups[index]:
+                    status = monitor.peers.setdefault(pid, PeerStatus())
+                    if not status.finished and not status.failed:
+                        status.failed = (
+                            f"its process exited (code {process.returncode}) before it reported; "
+                            f"see logs/worker-{index:04d}.log"
+                        )
         ended = sum(1 for s in monitor.peers.values() if s.finished or s.failed)
         if ended >= total:
             break

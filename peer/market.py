@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,13 @@ from typing import Any
 
 from wattmesh.peer.connection import Incoming, PeerConnection
 from wattmesh.peer.keys import load_private_key
+from wattmesh.peer.ledger import Ledger
 from wattmesh.peer.sequence import SequenceStore
 from wattmesh.protocols.errors import ProtocolError
 from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.mechanism import MarketCore, Outgoing, create_core
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
+from wattmesh.protocols.settlement import Settlement, SettlementStep
 
 __all__ = ["PeerJob", "run_peer"]
 
@@ -30,6 +33,7 @@ READY_TYPE = "market.ready"
 READY_INTERVAL_S = 1.0
 READY_MAX_INTERVAL_S = 8.0
 FAILED_TYPE = "session.failed"
+CONTRACT_PREFIX = "contract."
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,29 +68,81 @@ class PeerJob:
 
 
 async def run_peer(job: PeerJob) -> dict[str, Any]:
-    """Connect, wait for the neighbours, run the market to its end, publish the report.
+    """Connect, wait for the neighbours, run the market, sign contracts, publish the report.
+
+    A peer restarted after its market cleared (the ledger holds the session's outcome)
+    skips the market and resumes settlement from its ledger.
 
     Returns:
         The report body this peer signed and published.
     """
     core = create_core(job.spec, job.public, job.horizon)
     roster = Roster.from_toml(job.roster_toml)
-    sequence = SequenceStore(None if job.state_dir is None else job.state_dir / f"{job.spec.id}.seq")
+    key = load_private_key(job.key_path)
+    state = job.state_dir
+    sequence = SequenceStore(None if state is None else state / f"{job.spec.id}.seq")
     loop = asyncio.get_running_loop()
     connection = PeerConnection(
-        job.spec.id, load_private_key(job.key_path), roster,
-        community=job.public.name, session=job.session, url=job.url, sequence=sequence,
+        job.spec.id, key, roster, community=job.public.name, session=job.session, url=job.url, sequence=sequence,
     )  # fmt: skip
-    async with connection as conn:
-        for channel in ("market", "report"):
-            await conn.subscribe(channel, core.neighbours)
-        await conn.announce()
-        try:
-            early = await _start_barrier(conn, core.neighbours, job.start_timeout_s)
-        except TimeoutError as exc:
-            return await _fail(conn, f"start: {exc}")
-        await _send(conn, core.start(loop.time(), start_grace_s=job.start_timeout_s))
-        finished: set[str] = set()
+    with Ledger(Path(":memory:") if state is None else state / f"{job.spec.id}.ledger.sqlite") as ledger:
+        async with connection as conn:
+            for channel in ("market", "report"):
+                await conn.subscribe(channel, core.neighbours)
+            await conn.announce()
+            session = _Session(conn, core, ledger)
+            report = ledger.session_report(job.session)
+            if report is None:
+                try:
+                    early = await _start_barrier(conn, core.neighbours, job.start_timeout_s)
+                except TimeoutError as exc:
+                    return await _fail(conn, f"start: {exc}")
+                await _send(conn, core.start(loop.time(), start_grace_s=job.start_timeout_s))
+                await session.run_market(early)
+                if core.failure is not None:
+                    return await _fail(conn, core.failure)
+                assert core.outcome is not None
+                report = core.outcome.to_body()
+                ledger.save_session(job.session, job.public.name, job.public.mechanism, report)
+            else:
+                logger.info("%s: market of %s already cleared here; resuming settlement", job.spec.id, job.session)
+            trades = {j: (float(kwh), float(price)) for j, (kwh, price) in report["trades"].items()}
+            settlement = Settlement(
+                job.spec.id, key, roster, community=job.public.name, session=job.session, trades=trades,
+                records=ledger.records(job.session),
+            )  # fmt: skip
+            await session.settle(settlement)
+            report["contracts"] = settlement.counts()
+            report["signed"] = sorted(j for j, r in settlement.records.items() if r.status == "final")
+            report["messages"] = conn.published + 1  # + this report
+            report["bytes"] = conn.bytes_published
+            report["drops"] = dict(conn.drops)
+            await conn.publish("report", f"{job.public.mechanism}.report", report)
+            await session.linger(settlement)
+            return report
+
+
+class _Session:
+    """The receive loop of one peer's session: market, settlement, then lingering.
+
+    Every incoming message goes where it belongs whatever the phase: market rounds to
+    the core (which re-sends to a neighbour that is behind), ``contract.*`` to the
+    settlement (kept until it starts), neighbours' reports to the finished set.
+    """
+
+    def __init__(self, conn: PeerConnection, core: MarketCore, ledger: Ledger) -> None:
+        self.conn = conn
+        self.core = core
+        self.ledger = ledger
+        self.finished: set[str] = set()
+        self.settlement: Settlement | None = None
+        self._contract_mail: list[Incoming] = []
+        self._market_ran = False
+        self._loop = asyncio.get_running_loop()
+
+    async def run_market(self, early: list[Incoming]) -> None:
+        core = self.core
+        self._market_ran = True
         while not core.done:
             deadline = core.next_deadline()
             assert deadline is not None
@@ -94,37 +150,73 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
                 incoming = early.pop(0)
             else:
                 try:
-                    incoming = await conn.receive(max(0.0, deadline - loop.time()))
+                    incoming = await self.conn.receive(max(0.0, deadline - self._loop.time()))
                 except TimeoutError:
-                    await _send(conn, core.on_timer(loop.time()))
+                    await _send(self.conn, core.on_timer(self._loop.time()))
                     continue
-            if incoming.envelope.type == READY_TYPE:
-                continue  # a neighbour still waiting at the start barrier; it hears our rounds
-            if incoming.channel == "report":
-                finished.add(incoming.envelope.sender)
-                continue
-            await _feed(conn, core, incoming, loop.time())
-        if core.failure is not None:
-            return await _fail(conn, core.failure)
-        assert core.outcome is not None
-        report = core.outcome.to_body()
-        report["messages"] = conn.published + 1  # + this report
-        report["bytes"] = conn.bytes_published
-        report["drops"] = dict(conn.drops)
-        await conn.publish("report", f"{job.public.mechanism}.report", report)
-        # Linger until every neighbour has reported too: one of them may still need a
-        # re-send of our last round. Bounded by the neighbour timeout.
-        linger_until = loop.time() + core.linger_s
-        while finished < set(core.neighbours) and loop.time() < linger_until:
-            try:
-                incoming = await conn.receive(linger_until - loop.time())
-            except TimeoutError:
+            await self._dispatch(incoming)
+
+    async def settle(self, settlement: Settlement) -> None:
+        """Sign every trade's contract; ends when none is open (each has a deadline)."""
+        self.settlement = settlement
+        await self._apply(settlement.start(_now_ms()))
+        for incoming in self._contract_mail:
+            await self._dispatch(incoming)
+        self._contract_mail.clear()
+        while not settlement.done:
+            await self._step(settlement)
+
+    async def linger(self, settlement: Settlement) -> None:
+        """Stay until every neighbour has reported (one may still need a re-send of our
+        last round, or our countersignature again), bounded by the core's linger time."""
+        until = self._loop.time() + self.core.linger_s
+        while self.finished < set(self.core.neighbours) and self._loop.time() < until:
+            if not await self._step(settlement, until):
                 break
-            if incoming.channel == "report":
-                finished.add(incoming.envelope.sender)
-            elif incoming.channel in ("market", "inbox"):
-                await _feed(conn, core, incoming, loop.time())
-        return report
+
+    async def _step(self, settlement: Settlement, until: float | None = None) -> bool:
+        """Wait for one message or the settlement's next deadline; False on timeout."""
+        deadline_ms = settlement.next_deadline()
+        waits = [] if deadline_ms is None else [max(0.0, (deadline_ms - _now_ms()) / 1000)]
+        if until is not None:
+            waits.append(max(0.0, until - self._loop.time()))
+        try:
+            incoming = await self.conn.receive(min(waits, default=None))
+        except TimeoutError:
+            await self._apply(settlement.on_timer(_now_ms()))
+            return until is None or self._loop.time() < until
+        await self._dispatch(incoming)
+        return True
+
+    async def _dispatch(self, incoming: Incoming) -> None:
+        envelope = incoming.envelope
+        if envelope.type == READY_TYPE:
+            return  # a neighbour still at the start barrier; it hears our rounds
+        if incoming.channel == "report":
+            self.finished.add(envelope.sender)
+        elif envelope.type.startswith(CONTRACT_PREFIX):
+            if self.settlement is None:
+                self._contract_mail.append(incoming)
+                return
+            try:
+                step = self.settlement.receive(envelope, _now_ms())
+            except ProtocolError as exc:
+                self.conn.drops[exc.reason] += 1
+                logger.warning("%s: contract message refused: %s", self.conn.peer_id, exc)
+                return
+            await self._apply(step)
+        elif incoming.channel in ("market", "inbox") and self._market_ran:
+            # (a peer resumed after a restart never ran its core: nothing to answer with)
+            await _feed(self.conn, self.core, incoming, self._loop.time())
+
+    async def _apply(self, step: SettlementStep) -> None:
+        """Write-ahead: records are durable before any message about them leaves."""
+        self.ledger.write(step.records)
+        await _send(self.conn, step.outgoing)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], timeout: float) -> list[Incoming]:

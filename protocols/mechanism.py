@@ -117,6 +117,11 @@ class MarketCore(Protocol):
 
 MECHANISM_MODULES: Mapping[str, str] = {
     "admm": "wattmesh.protocols.admm",
+    "negotiation": "wattmesh.protocols.negotiation",
+    "consensus": "wattmesh.protocols.consensus",
+    "gdb": "wattmesh.protocols.gdb",
+    "auction": "wattmesh.protocols.auction",
+    "stackelberg": "wattmesh.protocols.stackelberg",
 }
 """``market.mechanism`` -> module with ``create(spec, public, horizon)`` and ``validate_settings(mapping)``."""
 

@@ -2,7 +2,8 @@
 
 Nothing here solves anything: every figure is what a peer reported and signed. The
 only check is agreement: both ends of a trade must report the same energy (opposite
-signs) and the same price, else the trade is listed under ``disputes``.
+signs) and the same price, else the trade is listed under ``disputes``. A trade is
+``signed`` when both ends report a final two-party contract for it (settlement).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def aggregate_reports(
             if abs(kwh) < _MIN_TRADE_KWH:
                 continue
             buyer, seller = (pid, other) if kwh > 0 else (other, pid)
-            trades.append({"buyer": buyer, "seller": seller, "kwh": abs(kwh), "price": price})
+            signed = other in report.get("signed", ()) and pid in reports.get(other, {}).get("signed", ())
+            trades.append({"buyer": buyer, "seller": seller, "kwh": abs(kwh), "price": price, "signed": signed})
     baseline = [p["grid_only_cost"] for p in peers.values()]
     return {
         "scenario": public.name,
@@ -74,6 +76,7 @@ def aggregate_reports(
         "messages": {"published": published, "bytes": sent_bytes},
         "peers": peers,
         "trades": trades,
+        "contracts": {"signed": sum(t["signed"] for t in trades), "unsigned": sum(not t["signed"] for t in trades)},
         "missing_peers": missing,
         "disputes": disputes,
     }

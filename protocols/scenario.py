@@ -35,7 +35,7 @@ __all__ = [
     "parse_scenario",
 ]
 
-MECHANISMS = ("admm",)
+MECHANISMS = ("admm", "negotiation", "consensus", "gdb", "auction", "stackelberg")
 """Mechanisms this version can run. Others named in DESIGN.md are rejected clearly."""
 ROLES = ("buyer", "seller", "flexible")
 

@@ -40,6 +40,7 @@ __all__ = [
     "Verifier",
     "encode",
     "peek_sender",
+    "unpack_strict",
 ]
 
 VERSION = 1
@@ -114,6 +115,15 @@ def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     if len(result) != len(pairs):
         raise DecodeError("duplicate map key")
     return result
+
+
+def unpack_strict(data: bytes, what: str) -> Any:
+    """msgpack-decode with the envelope's rules: no duplicate keys, str map keys, no ext types.
+
+    Raises:
+        DecodeError: naming ``what`` when the bytes are not such msgpack.
+    """
+    return _unpack(data, what)
 
 
 def _unpack(data: bytes, what: str) -> Any:

@@ -1,0 +1,142 @@
+"""A peer's durable contract ledger: one SQLite file, WAL journal, fsync on commit.
+
+Write-ahead for settlement: the shell calls :meth:`Ledger.write` with a step's records
+and only then sends its messages, so an acknowledged contract is on disk before the
+counterparty hears of it and survives ``kill -9`` (``synchronous=FULL``: the WAL is
+fsynced at every commit). A session's own report is kept too, so a peer restarted
+during settlement resumes it instead of re-running a market its neighbours have left.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from wattmesh.protocols.contract import Contract
+from wattmesh.protocols.errors import WattmeshError
+from wattmesh.protocols.settlement import ContractRecord
+
+__all__ = ["Ledger", "LedgerError"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contracts (
+    session      TEXT NOT NULL,
+    counterparty TEXT NOT NULL,
+    role         TEXT NOT NULL CHECK (role IN ('buyer', 'seller')),
+    kwh          REAL NOT NULL,
+    price        REAL NOT NULL,
+    status       TEXT NOT NULL,
+    terms        BLOB,
+    seller_sig   BLOB,
+    buyer_sig    BLOB,
+    deadline_ms  INTEGER NOT NULL,
+    reason       TEXT,
+    updated_ms   INTEGER NOT NULL,
+    PRIMARY KEY (session, counterparty)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    session     TEXT PRIMARY KEY,
+    community   TEXT NOT NULL,
+    mechanism   TEXT NOT NULL,
+    report      TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL
+);
+"""
+
+
+class LedgerError(WattmeshError):
+    """The ledger file cannot be opened or is not a wattmesh ledger."""
+
+
+class Ledger:
+    """Contracts and settled sessions of one peer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerError(f"{path}: cannot open the ledger ({exc})") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ contracts
+    def write(self, records: Iterable[ContractRecord]) -> None:
+        """Store records in one transaction; durable when this returns."""
+        rows = [
+            (
+                r.session, r.counterparty, r.role, r.kwh, r.price, r.status, r.terms_bytes,
+                r.seller_signature, r.buyer_signature, r.deadline_ms, r.reason, int(time.time() * 1000),
+            )
+            for r in records
+        ]  # fmt: skip
+        if not rows:
+            return
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO contracts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def records(self, session: str | None = None) -> list[ContractRecord]:
+        """Every record, or one session's, ordered by session and counterparty."""
+        query = "SELECT session, counterparty, role, kwh, price, status, terms, seller_sig, buyer_sig, deadline_ms, reason FROM contracts"
+        args: tuple[Any, ...] = ()
+        if session is not None:
+            query += " WHERE session = ?"
+            args = (session,)
+        rows = self._db.execute(query + " ORDER BY session, counterparty", args).fetchall()
+        return [ContractRecord(*row) for row in rows]
+
+    def contracts(self, session: str | None = None) -> Iterator[Contract]:
+        """Final contracts only (both signatures present)."""
+        for record in self.records(session):
+            contract = record.contract
+            if contract is not None:
+                yield contract
+
+    # ------------------------------------------------------------------ sessions
+    def save_session(self, session: str, community: str, mechanism: str, report: Mapping[str, Any]) -> None:
+        """Keep this peer's market outcome for ``session`` (before settlement starts)."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?)",
+                (session, community, mechanism, json.dumps(report), int(time.time() * 1000)),
+            )
+
+    def session_report(self, session: str) -> dict[str, Any] | None:
+        """The outcome saved for ``session``, or None when the market never cleared here."""
+        row = self._db.execute("SELECT report FROM sessions WHERE session = ?", (session,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def sessions(self) -> list[tuple[str, str, str, int]]:
+        """(session, community, mechanism, created_ms), oldest first."""
+        return list(self._db.execute("SELECT session, community, mechanism, created_ms FROM sessions ORDER BY created_ms"))
+
+    def _transaction(self) -> sqlite3.Connection:
+        return _Transaction(self._db)  # type: ignore[return-value]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
