@@ -21,8 +21,9 @@
 #     marks a finished one (a half-built ROOTFS without it is removed and rebuilt).
 #     Copies /usr/bin/qemu-aarch64-static into ROOTFS/usr/bin, so `chroot ROOTFS
 #     /usr/bin/qemu-aarch64-static PROGRAM` also runs a single aarch64 program without binfmt.
-#  4. mounts proc and binds /dev into ROOTFS, copies /etc/resolv.conf (pip reaches PyPI
-#     from inside), and unmounts them again on exit.
+#  4. mounts proc and binds /dev into ROOTFS, copies /etc/resolv.conf and the host's local
+#     CAs (/usr/local/share/ca-certificates, e.g. of a TLS-inspecting proxy) so pip reaches
+#     PyPI from inside, and unmounts them again on exit.
 #  5. builds the wattmesh wheel on the host from the repository's working tree (tracked
 #     and untracked, not ignored, files, copied to a temporary directory so the repo gets
 #     no build/ directory): `pip wheel --no-deps`, into ROOTFS/opt/wattmesh/dist.
@@ -105,16 +106,24 @@ else
 fi
 install -m 0755 /usr/bin/qemu-aarch64-static "$ROOTFS/usr/bin/qemu-aarch64-static"
 cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2>/dev/null || true
+# Local CAs the host trusts (e.g. a TLS-inspecting egress proxy) are trusted inside too,
+# else pip cannot reach PyPI from the rootfs; a host without any copies nothing.
+LOCAL_CAS=(/usr/local/share/ca-certificates/*.crt)
+if [ -e "${LOCAL_CAS[0]}" ]; then
+    mkdir -p "$ROOTFS/usr/local/share/ca-certificates"
+    cp "${LOCAL_CAS[@]}" "$ROOTFS/usr/local/share/ca-certificates/"
+fi
 
 say "4. mounts for the emulated steps"
 if ! mountpoint -q "$ROOTFS/proc"; then mount -t proc proc "$ROOTFS/proc"; MOUNTED+=("$ROOTFS/proc"); fi
 if ! mountpoint -q "$ROOTFS/dev"; then mount --bind /dev "$ROOTFS/dev"; MOUNTED+=("$ROOTFS/dev"); fi
-in_rootfs() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+in_rootfs() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
 echo "   uname -m inside: $(in_rootfs uname -m); $(in_rootfs python3 --version)"
 if ! in_rootfs dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
     in_rootfs apt-get update
     in_rootfs env DEBIAN_FRONTEND=noninteractive apt-get install -y python3 python3-venv ca-certificates
 fi
+in_rootfs update-ca-certificates >/dev/null
 
 say "5. wattmesh wheel, built on the host from $REPO"
 SRC=$(mktemp -d)
@@ -129,9 +138,10 @@ echo "   $WHEEL"
 
 say "6. venv $VENV inside the rootfs, dependencies as PyPI wheels only (emulated: takes minutes)"
 [ -x "$ROOTFS$VENV/bin/python" ] || in_rootfs python3 -m venv "$VENV"
-in_rootfs nice -n 10 "$VENV/bin/pip" install --disable-pip-version-check --only-binary=:all: \
+PIP=("$VENV/bin/pip" install --disable-pip-version-check --cert /etc/ssl/certs/ca-certificates.crt)
+in_rootfs nice -n 10 "${PIP[@]}" --only-binary=:all: \
     "/opt/wattmesh/dist/$WHEEL"
-in_rootfs nice -n 10 "$VENV/bin/pip" install --disable-pip-version-check --no-deps --force-reinstall \
+in_rootfs nice -n 10 "${PIP[@]}" --no-deps --force-reinstall \
     "/opt/wattmesh/dist/$WHEEL"
 in_rootfs "$VENV/bin/pip" check
 

@@ -52,6 +52,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _run_with_view(scenario, out, args.broker, args.peers_per_process, args.timeout, report=not args.no_report)
 
 
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    import csv
+
+    from wattmesh.peer.keys import load_roster
+    from wattmesh.peer.ledger import Ledger, LedgerError, audit
+
+    path = Path(args.ledger)
+    if not path.is_file():
+        raise LedgerError(f"{path}: no such ledger file")
+    roster = load_roster(Path(args.roster))
+    with Ledger(path) as ledger:
+        rows = audit(ledger.records(args.session), roster)
+    bad = [r for r in rows if r["check"].startswith("BAD")]
+    if args.export == "json":
+        text = json.dumps(rows, indent=1)
+    elif args.export == "csv":
+        import io
+
+        buffer = io.StringIO()
+        fields = ["session", "counterparty", "role", "kwh", "price", "status", "check", "reason"]
+        writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    else:
+        lines = [f"{'session':<28} {'counterparty':<14} {'role':<6} {'kWh':>10} {'price':>9}  {'status':<9} check"]
+        for r in rows:
+            lines.append(
+                f"{r['session'][:28]:<28} {r['counterparty'][:14]:<14} {r['role']:<6} {r['kwh']:>10.4f} "
+                f"{r['price']:>9.5f}  {r['status']:<9} {r['check']}"
+            )
+        finals = sum(r["status"] == "final" for r in rows)
+        lines.append(f"{len(rows)} records, {finals} final contracts, {len(bad)} failing verification")
+        text = "\n".join(lines)
+    if args.out:
+        Path(args.out).write_text(text if text.endswith("\n") else text + "\n")
+        _say(f"wrote {len(rows)} records to {args.out}")
+    else:
+        _say(text.rstrip("\n"))
+    if bad:
+        print(f"wattmesh: {len(bad)} contract(s) in {path} fail verification", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_with_view(scenario: Any, out: Path, broker: str, per_process: int, timeout: float, *, report: bool) -> int:
     """Run a scenario showing the live monitor view (or progress lines when not a terminal)."""
     from wattmesh.peer.launcher import RunOptions, run_scenario
@@ -203,6 +248,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=900.0, help="deadline for the whole run [s]")
     run.add_argument("--no-report", action="store_true", help="skip the PNG plots and summary")
     run.set_defaults(func=_cmd_run)
+
+    ledger = sub.add_parser("ledger", help="list, export and verify a peer's signed contracts")
+    ledger.add_argument("ledger", help="the peer's ledger file (e.g. result.d/state/h01.ledger.sqlite)")
+    ledger.add_argument("--roster", required=True, help="community roster: every signature is checked against it")
+    ledger.add_argument("--session", help="only this market session")
+    ledger.add_argument("--export", choices=("json", "csv"), help="machine-readable output instead of a table")
+    ledger.add_argument("--out", help="write to this file instead of stdout")
+    ledger.set_defaults(func=_cmd_ledger)
 
     demo = sub.add_parser("demo", help="a realistic community of ~20 homes, live view and report")
     demo.add_argument("--homes", type=int, default=20)

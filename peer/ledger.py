@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from wattmesh.protocols.contract import Contract
-from wattmesh.protocols.errors import WattmeshError
+from wattmesh.protocols.errors import ProtocolError, WattmeshError
+from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.settlement import ContractRecord
 
-__all__ = ["Ledger", "LedgerError"]
+__all__ = ["Ledger", "LedgerError", "audit"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contracts (
@@ -140,3 +141,37 @@ class _Transaction:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def audit(records: Iterable[ContractRecord], roster: Roster) -> list[dict[str, Any]]:
+    """One row per record for listing or export, each final contract's signatures checked.
+
+    ``check`` is ``"ok"`` (both signatures verify and the terms match the record),
+    ``"BAD: …"`` (they do not: the ledger was tampered with or is corrupt), or ``"-"``
+    for records that are not final (nothing to verify, nothing to act on).
+    """
+    rows = []
+    for r in records:
+        check = "-"
+        contract = r.contract
+        if contract is not None:
+            try:
+                terms = contract.verify(roster)
+                seller, buyer = (terms.seller, terms.buyer)
+                if r.counterparty not in (seller, buyer) or (r.role == "buyer") != (r.counterparty == seller):
+                    raise ProtocolError("the terms name other parties than the record")
+                if terms.kwh != r.kwh or terms.price != r.price or terms.session != r.session:
+                    raise ProtocolError("the terms differ from the record")
+                check = "ok"
+            except ProtocolError as exc:
+                check = f"BAD: {exc}"
+        elif r.status == "final":
+            check = "BAD: final without both signatures"
+        row: dict[str, Any] = {
+            "session": r.session, "counterparty": r.counterparty, "role": r.role, "kwh": r.kwh,
+            "price": r.price, "status": r.status, "check": check, "reason": r.reason,
+        }  # fmt: skip
+        if contract is not None:
+            row["contract"] = contract.to_dict()
+        rows.append(row)
+    return rows

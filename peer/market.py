@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wattmesh.peer.connection import Incoming, PeerConnection
+from wattmesh.peer.faults import FaultPlan
 from wattmesh.peer.keys import load_private_key
 from wattmesh.peer.ledger import Ledger
 from wattmesh.peer.sequence import SequenceStore
@@ -49,13 +50,14 @@ class PeerJob:
     session: str
     state_dir: Path | None = None
     start_timeout_s: float = 60.0
+    faults: FaultPlan = FaultPlan()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "spec": self.spec.to_dict(), "public": self.public.to_dict(), "horizon": self.horizon,
             "key_path": str(self.key_path), "roster_toml": self.roster_toml, "url": self.url,
             "session": self.session, "state_dir": None if self.state_dir is None else str(self.state_dir),
-            "start_timeout_s": self.start_timeout_s,
+            "start_timeout_s": self.start_timeout_s, "faults": self.faults.to_dict(),
         }  # fmt: skip
 
     @classmethod
@@ -64,6 +66,7 @@ class PeerJob:
             PeerSpec.from_dict(d["spec"]), PublicScenario.from_dict(d["public"]), d["horizon"],
             Path(d["key_path"]), d["roster_toml"], d["url"], d["session"],
             None if d["state_dir"] is None else Path(d["state_dir"]), d["start_timeout_s"],
+            FaultPlan.from_dict(d.get("faults", {})),
         )  # fmt: skip
 
 
@@ -90,8 +93,9 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
             for channel in ("market", "report"):
                 await conn.subscribe(channel, core.neighbours)
             await conn.announce()
-            session = _Session(conn, core, ledger)
+            session = _Session(conn, core, ledger, job.faults)
             report = ledger.session_report(job.session)
+            resumed = report is not None
             if report is None:
                 try:
                     early = await _start_barrier(conn, core.neighbours, job.start_timeout_s)
@@ -104,6 +108,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
                 assert core.outcome is not None
                 report = core.outcome.to_body()
                 ledger.save_session(job.session, job.public.name, job.public.mechanism, report)
+                job.faults.reached("market.cleared")
             else:
                 logger.info("%s: market of %s already cleared here; resuming settlement", job.spec.id, job.session)
             trades = {j: (float(kwh), float(price)) for j, (kwh, price) in report["trades"].items()}
@@ -118,7 +123,8 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
             report["bytes"] = conn.bytes_published
             report["drops"] = dict(conn.drops)
             await conn.publish("report", f"{job.public.mechanism}.report", report)
-            await session.linger(settlement)
+            if not resumed:  # a resumed peer has no market state a neighbour could still need
+                await session.linger(settlement)
             return report
 
 
@@ -130,8 +136,9 @@ class _Session:
     settlement (kept until it starts), neighbours' reports to the finished set.
     """
 
-    def __init__(self, conn: PeerConnection, core: MarketCore, ledger: Ledger) -> None:
+    def __init__(self, conn: PeerConnection, core: MarketCore, ledger: Ledger, faults: FaultPlan) -> None:
         self.conn = conn
+        self.faults = faults
         self.core = core
         self.ledger = ledger
         self.finished: set[str] = set()
@@ -212,6 +219,8 @@ class _Session:
     async def _apply(self, step: SettlementStep) -> None:
         """Write-ahead: records are durable before any message about them leaves."""
         self.ledger.write(step.records)
+        if any(r.status == "final" for r in step.records):
+            self.faults.reached("contract.recorded")
         await _send(self.conn, step.outgoing)
 
 
