@@ -52,6 +52,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _run_with_view(scenario, out, args.broker, args.peers_per_process, args.timeout, report=not args.no_report)
 
 
+def _cmd_peer(args: argparse.Namespace) -> int:
+    import signal
+
+    from wattmesh.peer.gateway import Gateway
+    from wattmesh.peer.gateway_config import load_gateway_config
+
+    config = load_gateway_config(Path(args.config))
+    if args.check:
+        _say(f"{args.config}: ok (peer {config.peer_id}, community {config.community}, every {config.interval_s:g} s)")
+        return 0
+    # a service's log: plain sentences, journald adds the time
+    logging.getLogger().setLevel(logging.INFO if not args.quiet else logging.WARNING)
+    gateway = Gateway(config)
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def terminate() -> None:
+            logging.getLogger("wattmesh.peer.gateway").info("%s: SIGTERM: stopping", config.peer_id)
+            stop.set()
+            task.cancel()  # a session in progress ends now; its ledger writes are atomic
+
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+        try:
+            results = await gateway.serve(intervals=args.intervals, stop=stop)
+        except asyncio.CancelledError:
+            return 0
+        return 0 if all(r.status != "failed" for r in results) or args.intervals is None else 1
+
+    try:
+        return asyncio.run(serve())
+    finally:
+        gateway.close()
+
+
 def _cmd_ledger(args: argparse.Namespace) -> int:
     import csv
 
@@ -248,6 +286,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=900.0, help="deadline for the whole run [s]")
     run.add_argument("--no-report", action="store_true", help="skip the PNG plots and summary")
     run.set_defaults(func=_cmd_run)
+
+    peer = sub.add_parser("peer", help="run one home's peer: trade every market interval (home gateway)")
+    peer.add_argument("config", help="the home's config file (docs/deploy.md)")
+    peer.add_argument("--intervals", type=int, help="stop after this many intervals (default: run until SIGTERM)")
+    peer.add_argument("--check", action="store_true", help="validate the config and exit")
+    peer.add_argument("--quiet", action="store_true", help="log warnings only")
+    peer.set_defaults(func=_cmd_peer)
 
     ledger = sub.add_parser("ledger", help="list, export and verify a peer's signed contracts")
     ledger.add_argument("ledger", help="the peer's ledger file (e.g. result.d/state/h01.ledger.sqlite)")

@@ -42,8 +42,8 @@ __all__ = ["CHANNELS", "BrokerConnectionError", "Incoming", "PeerConnection", "T
 
 logger = logging.getLogger(__name__)
 
-CHANNELS = ("presence", "inbox", "market", "broadcast", "telemetry", "report")
-_QOS = {"presence": 1, "inbox": 1, "market": 1, "broadcast": 1, "telemetry": 0, "report": 1}
+CHANNELS = ("presence", "inbox", "market", "broadcast", "telemetry", "report", "state")
+_QOS = {"presence": 1, "inbox": 1, "market": 1, "broadcast": 1, "telemetry": 0, "report": 1, "state": 1}
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Nagle costs ~40 ms per round trip
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["CRASH_POINTS", "FaultPlan"]
+__all__ = ["CRASH_POINTS", "NO_FAULTS", "FaultPlan"]
 
 CRASH_POINTS = ("market.cleared", "contract.recorded")
 """``market.cleared``: the outcome is in the ledger, no contract signed yet.
@@ -40,3 +40,6 @@ class FaultPlan:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FaultPlan:
         return cls(**d)
+
+
+NO_FAULTS = FaultPlan()

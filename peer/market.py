@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from wattmesh.peer.connection import Incoming, PeerConnection
-from wattmesh.peer.faults import FaultPlan
+from wattmesh.peer.faults import NO_FAULTS, FaultPlan
 from wattmesh.peer.keys import load_private_key
 from wattmesh.peer.ledger import Ledger
 from wattmesh.peer.sequence import SequenceStore
@@ -27,7 +29,7 @@ from wattmesh.protocols.mechanism import MarketCore, Outgoing, create_core
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.settlement import Settlement, SettlementStep
 
-__all__ = ["PeerJob", "run_peer"]
+__all__ = ["PeerJob", "run_peer", "run_session"]
 
 logger = logging.getLogger(__name__)
 READY_TYPE = "market.ready"
@@ -50,7 +52,7 @@ class PeerJob:
     session: str
     state_dir: Path | None = None
     start_timeout_s: float = 60.0
-    faults: FaultPlan = FaultPlan()
+    faults: FaultPlan = NO_FAULTS
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,53 +81,66 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
     Returns:
         The report body this peer signed and published.
     """
-    core = create_core(job.spec, job.public, job.horizon)
     roster = Roster.from_toml(job.roster_toml)
     key = load_private_key(job.key_path)
     state = job.state_dir
     sequence = SequenceStore(None if state is None else state / f"{job.spec.id}.seq")
-    loop = asyncio.get_running_loop()
     connection = PeerConnection(
         job.spec.id, key, roster, community=job.public.name, session=job.session, url=job.url, sequence=sequence,
     )  # fmt: skip
     with Ledger(Path(":memory:") if state is None else state / f"{job.spec.id}.ledger.sqlite") as ledger:
         async with connection as conn:
-            for channel in ("market", "report"):
-                await conn.subscribe(channel, core.neighbours)
-            await conn.announce()
-            session = _Session(conn, core, ledger, job.faults)
-            report = ledger.session_report(job.session)
-            resumed = report is not None
-            if report is None:
-                try:
-                    early = await _start_barrier(conn, core.neighbours, job.start_timeout_s)
-                except TimeoutError as exc:
-                    return await _fail(conn, f"start: {exc}")
-                await _send(conn, core.start(loop.time(), start_grace_s=job.start_timeout_s))
-                await session.run_market(early)
-                if core.failure is not None:
-                    return await _fail(conn, core.failure)
-                assert core.outcome is not None
-                report = core.outcome.to_body()
-                ledger.save_session(job.session, job.public.name, job.public.mechanism, report)
-                job.faults.reached("market.cleared")
-            else:
-                logger.info("%s: market of %s already cleared here; resuming settlement", job.spec.id, job.session)
-            trades = {j: (float(kwh), float(price)) for j, (kwh, price) in report["trades"].items()}
-            settlement = Settlement(
-                job.spec.id, key, roster, community=job.public.name, session=job.session, trades=trades,
-                records=ledger.records(job.session),
-            )  # fmt: skip
-            await session.settle(settlement)
-            report["contracts"] = settlement.counts()
-            report["signed"] = sorted(j for j, r in settlement.records.items() if r.status == "final")
-            report["messages"] = conn.published + 1  # + this report
-            report["bytes"] = conn.bytes_published
-            report["drops"] = dict(conn.drops)
-            await conn.publish("report", f"{job.public.mechanism}.report", report)
-            if not resumed:  # a resumed peer has no market state a neighbour could still need
-                await session.linger(settlement)
-            return report
+            return await run_session(conn, job, key, roster, ledger)
+
+
+async def run_session(
+    conn: PeerConnection, job: PeerJob, key: Ed25519PrivateKey, roster: Roster, ledger: Ledger,
+    early: list[Incoming] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One market session over an open connection: subscribe, start barrier, market,
+    settlement, report, linger. ``early`` holds messages a caller already read.
+
+    Returns:
+        The report body this peer published (``reason`` in it when the session failed).
+    """
+    loop = asyncio.get_running_loop()
+    core = create_core(job.spec, job.public, job.horizon)
+    for channel in ("market", "report"):
+        await conn.subscribe(channel, core.neighbours)
+    await conn.announce()
+    session = _Session(conn, core, ledger, job.faults)
+    report = ledger.session_report(job.session)
+    resumed = report is not None
+    if report is None:
+        try:
+            early = (early or []) + await _start_barrier(conn, core.neighbours, job.start_timeout_s)
+        except TimeoutError as exc:
+            return await _fail(conn, f"start: {exc}")
+        await _send(conn, core.start(loop.time(), start_grace_s=job.start_timeout_s))
+        await session.run_market(early)
+        if core.failure is not None:
+            return await _fail(conn, core.failure)
+        assert core.outcome is not None
+        report = core.outcome.to_body()
+        ledger.save_session(job.session, job.public.name, job.public.mechanism, report)
+        job.faults.reached("market.cleared")
+    else:
+        logger.info("%s: market of %s already cleared here; resuming settlement", job.spec.id, job.session)
+    trades = {j: (float(kwh), float(price)) for j, (kwh, price) in report["trades"].items()}
+    settlement = Settlement(
+        job.spec.id, key, roster, community=job.public.name, session=job.session, trades=trades,
+        records=ledger.records(job.session),
+    )  # fmt: skip
+    await session.settle(settlement)
+    report["contracts"] = settlement.counts()
+    report["signed"] = sorted(j for j, r in settlement.records.items() if r.status == "final")
+    report["messages"] = conn.published + 1  # + this report
+    report["bytes"] = conn.bytes_published
+    report["drops"] = dict(conn.drops)
+    await conn.publish("report", f"{job.public.mechanism}.report", report)
+    if not resumed:  # a resumed peer has no market state a neighbour could still need
+        await session.linger(settlement)
+    return report
 
 
 class _Session:
@@ -281,7 +296,7 @@ async def _feed(conn: PeerConnection, core: MarketCore, incoming: Incoming, now:
 
 async def _send(conn: PeerConnection, items: list[Outgoing]) -> None:
     for item in items:
-        if item.channel in ("market", "telemetry"):
+        if item.channel in ("market", "telemetry", "broadcast"):
             await conn.publish(item.channel, item.type, item.body)
         elif item.channel == "inbox":
             await conn.publish("inbox", item.type, item.body, to=item.to)

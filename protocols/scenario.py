@@ -9,7 +9,9 @@ Decisions documented in docs/scenario.md:
   oneself is an error.
 * ``role`` constrains the sign of every trade of the peer (Sorin et al. 2019): a buyer
   only imports on each link (t_ij >= 0), a seller only exports. This implies the
-  DESIGN's q_i >= 0 / q_i <= 0 and keeps a buyer from acting as a relay.
+  DESIGN's q_i >= 0 / q_i <= 0 and keeps a buyer from acting as a relay. ``role =
+  "leader"`` marks the price setter of mechanism ``stackelberg``: exactly one there, an
+  error elsewhere; its id is public (``[market.stackelberg]`` gains ``leader``).
 * Private parameters (cost, limits, role) live in :class:`PeerSpec`; everything in
   :class:`PublicScenario` (ids, links, fees, grid tariff, market settings) may be
   known to every peer.
@@ -33,11 +35,13 @@ __all__ = [
     "PublicScenario",
     "Scenario",
     "parse_scenario",
+    "parse_scenario_data",
 ]
 
 MECHANISMS = ("admm", "negotiation", "consensus", "gdb", "auction", "stackelberg")
 """Mechanisms this version can run. Others named in DESIGN.md are rejected clearly."""
-ROLES = ("buyer", "seller", "flexible")
+ROLES = ("buyer", "seller", "flexible", "leader")
+"""``leader``: the price-setting peer of mechanism ``stackelberg`` (exactly one there, none elsewhere)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +202,15 @@ def parse_scenario(text: str, *, source: str = "scenario") -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(source, "", f"not valid TOML ({exc})") from None
+    return parse_scenario_data(data, source=source)
+
+
+def parse_scenario_data(data: Mapping[str, Any], *, source: str = "scenario") -> Scenario:
+    """Validate a scenario already read from TOML (a home gateway assembles one per interval).
+
+    Raises:
+        ScenarioError: naming the file, the key and the reason.
+    """
     top = _Reader(source, data, "", _TOP_KEYS)
 
     community = _Reader(source, top.table_of("community"), "community.", {"name"})
@@ -244,6 +257,15 @@ def parse_scenario(text: str, *, source: str = "scenario") -> Scenario:
             raise ScenarioError(source, f"peers[{index}].id", f"duplicate peer id {spec.id!r}")
         specs[spec.id] = spec
         wants[spec.id] = neighbors
+    leaders = [(index, pid) for index, pid in enumerate(specs) if specs[pid].role == "leader"]
+    if mechanism == "stackelberg":
+        if len(leaders) != 1:
+            key = "peers" if not leaders else f"peers[{leaders[1][0]}].role"
+            found = "none" if not leaders else ", ".join(repr(pid) for _, pid in leaders)
+            raise ScenarioError(source, key, f'mechanism "stackelberg" needs exactly one peer with role = "leader", found {found}')
+        settings["leader"] = leaders[0][1]  # public: every follower must know whose prices to take
+    elif leaders:
+        raise ScenarioError(source, f"peers[{leaders[0][0]}].role", f'"leader" is a role of mechanism "stackelberg" only, not of {mechanism!r}')
     for index, pid in enumerate(specs):
         for other in sorted(wants[pid] or ()):
             if other == pid:

@@ -323,7 +323,7 @@ class Settlement:
 
     @staticmethod
     def _ms(seconds: float) -> int:
-        return int(round(seconds * 1000))
+        return round(seconds * 1000)
 
 
 def _bytes_field(body: Mapping[str, Any], name: str, sender: str) -> bytes:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from wattmesh.broker import BrokerHandle
-from wattmesh.peer.faults import FaultPlan
+from wattmesh.peer.faults import NO_FAULTS, FaultPlan
 from wattmesh.peer.keys import generate_key, write_roster
 from wattmesh.peer.ledger import Ledger, audit
 from wattmesh.peer.market import PeerJob
@@ -80,14 +80,14 @@ async def test_a_peer_killed_during_settlement_restarts_and_both_ledgers_agree(
     roster = write_roster(tmp_path / "roster.toml", keys)
     state = tmp_path / "state"
 
-    def job(pid: str, faults: FaultPlan = FaultPlan()) -> PeerJob:
+    def job(pid: str, faults: FaultPlan = NO_FAULTS) -> PeerJob:
         return PeerJob(
             scenario.peers[pid], scenario.public, diameter(scenario.public.links), tmp_path / f"{pid}.key",
             roster.to_toml(), mosquitto_broker.url, "crash-1", state, 30.0, faults,
         )  # fmt: skip
 
     processes = {
-        pid: await _spawn(job(pid, FaultPlan(crash_at=point) if pid == victim else FaultPlan()), tmp_path / f"{pid}.log")
+        pid: await _spawn(job(pid, FaultPlan(crash_at=point) if pid == victim else NO_FAULTS), tmp_path / f"{pid}.log")
         for pid in scenario.public.peer_ids
     }
     # WHEN the victim dies at that point and is restarted with the same job
