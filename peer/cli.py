@@ -59,12 +59,13 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     from wattmesh.peer.gateway_config import load_gateway_config
 
     config = load_gateway_config(Path(args.config))
+    gateway = Gateway(config)  # checks the key against the roster, opens the ledger
     if args.check:
+        gateway.close()
         _say(f"{args.config}: ok (peer {config.peer_id}, community {config.community}, every {config.interval_s:g} s)")
         return 0
     # a service's log: plain sentences, journald adds the time
     logging.getLogger().setLevel(logging.INFO if not args.quiet else logging.WARNING)
-    gateway = Gateway(config)
 
     async def serve() -> int:
         stop = asyncio.Event()

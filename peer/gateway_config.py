@@ -226,9 +226,10 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     community = table("community", {"name", "interval_s", "join_window_s", "view_window_s"})
     name = text(community, "community", "name")
     interval_s = seconds(community, "community", "interval_s", 900.0)
+    defaults = MembershipTiming()
     timing = MembershipTiming(
-        seconds(community, "community", "join_window_s", MembershipTiming.join_window_s),
-        seconds(community, "community", "view_window_s", MembershipTiming.view_window_s),
+        seconds(community, "community", "join_window_s", defaults.join_window_s),
+        seconds(community, "community", "view_window_s", defaults.view_window_s),
     )
     if timing.join_window_s + timing.view_window_s >= interval_s / 2:
         raise fail("community.interval_s", "must be more than twice join_window_s + view_window_s (time to trade)")
