@@ -247,12 +247,14 @@ class Gateway:
 
     async def _follow_meter(self, source: DemandSource) -> None:
         """Keep the latest value of the home's MQTT topic (reconnecting with backoff)."""
-        host, port = parse_url(self.config.url)
+        own = source.broker is None  # the community broker: log in as this peer
+        host, port = parse_url(source.broker or self.config.url)
         attempt = 0
         while True:
             try:
                 async with aiomqtt.Client(
-                    host, port, username=self.config.username, password=self.password,
+                    host, port, username=self.config.username if own else None,
+                    password=self.password if own else None,
                     identifier=f"wm-{self.config.community}-{self.config.peer_id}-meter",
                 ) as client:  # fmt: skip
                     attempt = 0

@@ -10,7 +10,7 @@ One TOML file per home (docs/deploy.md has a full example)::
     [home]       flex | min/max, flex_cost, role, neighbors
     [home.demand]  exactly one of: value = 2.5
                                    csv = "profile.csv" (+ column, time_column)
-                                   mqtt = "home/meter/forecast" (+ field, max_age_s)
+                                   mqtt = "home/meter/forecast" (+ field, max_age_s, broker)
 
 The community part must be the same in every home's file: its SHA-256 digest travels
 in each join and peers with another digest do not trade together. Paths are relative
@@ -52,6 +52,7 @@ class DemandSource:
     topic: str | None = None
     field: str | None = None  # JSON field of an MQTT payload; None: the payload is a number
     max_age_s: float = 3600.0
+    broker: str | None = None  # the home's own broker for an MQTT source; None: the community broker
 
     def from_csv(self, start_s: float) -> float:
         """The row for the interval starting at ``start_s``: the last row whose start is
@@ -260,7 +261,7 @@ def _demand_source(t: Mapping[str, Any], fail: Any, base: Path) -> DemandSource:
     kinds = [k for k in ("value", "csv", "mqtt") if k in t]
     if len(kinds) != 1:
         raise fail("home.demand", "give exactly one of value, csv or mqtt")
-    allowed = {"value": {"value"}, "csv": {"csv", "column", "time_column"}, "mqtt": {"mqtt", "field", "max_age_s"}}[kinds[0]]
+    allowed = {"value": {"value"}, "csv": {"csv", "column", "time_column"}, "mqtt": {"mqtt", "field", "max_age_s", "broker"}}[kinds[0]]
     for key in t:
         if key not in allowed:
             raise fail(f"home.demand.{key}", f"unknown key for a {kinds[0]} source (allowed: {', '.join(sorted(allowed))})")
@@ -283,4 +284,7 @@ def _demand_source(t: Mapping[str, Any], fail: Any, base: Path) -> DemandSource:
     field = t.get("field")
     if field is not None and not isinstance(field, str):
         raise fail("home.demand.field", "must be a string")
-    return DemandSource("mqtt", topic=topic, field=field, max_age_s=float(max_age))
+    broker = t.get("broker")
+    if broker is not None and (not isinstance(broker, str) or not broker.startswith("mqtt://")):
+        raise fail("home.demand.broker", "must look like mqtt://host:port (the home's own broker)")
+    return DemandSource("mqtt", topic=topic, field=field, max_age_s=float(max_age), broker=broker)
