@@ -12,7 +12,9 @@ Mosquitto asked for but missing, bad arguments) are one line on stderr and exit 
 ``--secure`` runs Mosquitto with per-peer identities and the community's ACL
 (docs/security.md): it writes ``DIR/acl``, ``DIR/passwords`` and one
 ``DIR/credentials/<id>.password`` per peer and monitor (reused when they exist, so a
-restart keeps the passwords already handed out) and prints where they are. With
+restart keeps the passwords already handed out) and prints where they are. SIGHUP
+re-reads the roster, rewrites the files and reloads Mosquitto (a removed peer is
+refused from then on). With
 ``--tls CA_DIR`` (made by ``wattmesh ca init``) the listener speaks TLS and takes each
 peer's identity from its client certificate instead of a password.
 
@@ -148,19 +150,25 @@ def _run_foreground(options: argparse.Namespace) -> int:
     port = options.port
     if port is None:
         port = 8883 if options.tls else 1883
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     previous = {
         signum: signal.signal(signum, lambda *_: stop.set())
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
+    if security is not None:  # kill -HUP: the roster changed, rewrite the files and reload
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload.set())
     process = BrokerProcess(options.kind, options.host, port or None, security=security)
     try:
         handle = process.start()
         if security is not None and files is not None:
             _announce_security(options, security, files, handle)
-        print(f"{handle.kind} broker listening on {handle.url} (Ctrl-C to stop)", flush=True)
+        hint = ", kill -HUP to reload the roster" if security is not None else ""
+        print(f"{handle.kind} broker listening on {handle.url} (Ctrl-C to stop{hint})", flush=True)
         while not stop.wait(_WATCH_SECONDS):
             process.check()
+            if reload.is_set():
+                reload.clear()
+                _reload_security(options, process)
         return 0
     finally:
         process.stop()
@@ -191,6 +199,17 @@ def _prepare_security(options: argparse.Namespace) -> tuple[MosquittoSecurity, S
     return MosquittoSecurity(files.acl, tls=tls), files
 
 
+def _reload_security(options: argparse.Namespace, process: BrokerProcess) -> None:
+    """Rewrite ACL and credentials from the (changed) roster and make Mosquitto re-read them."""
+    try:
+        files = _prepare_security(options)[1]
+    except (WattmeshError, ValueError, _UsageError) as exc:
+        print(f"{_PROG}: reload failed, the broker keeps its previous files: {exc}", file=sys.stderr, flush=True)
+        return
+    process.reload()
+    print(f"reloaded: {len(files.peers)} peer(s) of community {options.community}", flush=True)
+
+
 def _load_roster(path: Path) -> Roster:
     try:
         text = path.read_text()
@@ -208,7 +227,7 @@ def _announce_security(
     config = MosquittoConfig(handle.port, handle.host, security=security)
     config_path = files.directory / "mosquitto.conf"
     config_path.write_text(mosquitto_config_text(config))
-    identities = f"{len(files.peers)} peer(s) + monitor(s) {', '.join(files.monitors)}"
+    identities = f"{len(files.peers)} peer(s), read-only: {', '.join(files.monitors)}"
     print(f"access control: community {options.community}, {identities}; ACL {files.acl}", flush=True)
     if security.tls is None:
         print(

@@ -211,6 +211,23 @@ class BrokerProcess:
             raise
         return self.handle
 
+    def reload(self) -> None:
+        """Make Mosquitto re-read its ACL and password file (SIGHUP).
+
+        For a changed roster: rewrite the files (:func:`~wattmesh.broker.security.write_security`),
+        then reload. Mosquitto applies the new ACL to connected clients too, refuses
+        new logins of removed identities and, with ``check_retain_source``, stops
+        delivering what they left retained. It reloads asynchronously.
+
+        Raises:
+            RuntimeError: not started, or not Mosquitto.
+        """
+        if self._process is None:
+            raise RuntimeError("broker not started")
+        if self.kind != "mosquitto":
+            raise RuntimeError(f"the {self.kind} broker has no configuration to reload")
+        self._process.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after 5 s) and remove its files.
 

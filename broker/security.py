@@ -10,12 +10,14 @@ forced to it as well, so a peer can never take over another peer's session.
 
 The ACL (Mosquitto ``acl_file`` syntax) grants, for community ``c`` and peer ``p``:
 
-- write: ``presence/p``, ``market/p``, ``telemetry/p``, ``report/p`` (its own topics),
-  ``broadcast`` and ``inbox/q`` for every roster peer ``q`` (directed messages);
+- write: ``presence/p``, ``market/p``, ``telemetry/p``, ``report/p``, ``state/p`` (its
+  own topics), ``broadcast`` and ``inbox/q`` for every roster peer ``q`` (directed
+  messages);
 - read: ``inbox/p`` (its own inbox only), ``presence/+``, ``market/+``, ``report/+``,
-  ``broadcast``;
-- a monitor identity reads ``presence/+``, ``market/+``, ``telemetry/+``, ``report/+``
-  and ``broadcast`` and writes nothing.
+  ``state/+``, ``broadcast``;
+- a monitor identity (also: a home's energy manager reading ``state``) reads
+  ``presence/+``, ``market/+``, ``telemetry/+``, ``report/+``, ``state/+`` and
+  ``broadcast`` and writes nothing.
 
 Everything else is denied. Mosquitto checks read access per delivered message, so a
 ``#`` subscription is accepted but delivers only what the subscriber may read.
@@ -58,13 +60,13 @@ __all__ = [
 DEFAULT_MONITOR = "monitor"
 """Username of the read-only monitor identity ``wattmesh broker --secure`` creates."""
 
-PEER_WRITE_CHANNELS = ("presence", "market", "telemetry", "report")
+PEER_WRITE_CHANNELS = ("presence", "market", "telemetry", "report", "state")
 """Per-peer channels only their owner may publish on (``<channel>/<own id>``)."""
 
-PEER_READ_CHANNELS = ("presence", "market", "report")
+PEER_READ_CHANNELS = ("presence", "market", "report", "state")
 """Per-peer channels every peer of the community may read (public, signed)."""
 
-MONITOR_READ_CHANNELS = ("presence", "market", "telemetry", "report")
+MONITOR_READ_CHANNELS = ("presence", "market", "telemetry", "report", "state")
 """Per-peer channels a monitor may read; telemetry is for monitors only."""
 
 # Mosquitto 2.0's PBKDF2-SHA512 password hash: "$7$<iterations>$<b64 salt>$<b64 hash>",
@@ -229,8 +231,9 @@ def write_security(
     Layout: ``acl``, ``passwords`` (Mosquitto hashes) and ``credentials/<id>.password``
     (clear text, one per identity, mode 0600). Existing credential files are reused, so
     running it again (a restart, a peer added to the roster) keeps every password that
-    was already handed out; identities no longer listed lose access because they are
-    left out of the password file.
+    was already handed out. Identities no longer listed lose access: they are left out
+    of the password file and the ACL, and their credential files are deleted (a
+    running broker needs :meth:`~wattmesh.broker.BrokerProcess.reload`).
 
     Args:
         directory: where to write (created if missing).
@@ -253,7 +256,11 @@ def write_security(
         return SecurityFiles(directory, acl_path, None, {}, peer_ids, monitor_ids)
     clear_text: dict[str, str] = {}
     credential_files: dict[str, Path] = {}
-    for identity in [*peer_ids, *monitor_ids]:
+    identities = [*peer_ids, *monitor_ids]
+    for stale in (directory / "credentials").glob("*.password"):
+        if stale.stem not in identities:  # removed from the community: a new password if it comes back
+            stale.unlink()
+    for identity in identities:
         path = directory / "credentials" / f"{identity}.password"
         password = path.read_text().strip() if path.exists() else ""
         if not password:

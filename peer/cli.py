@@ -344,6 +344,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["broker"]:  # its own parser: argparse's REMAINDER refuses leading options (--kind ...)
+        return _cmd_broker(argparse.Namespace(rest=argv[1:]))
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

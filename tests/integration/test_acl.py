@@ -15,6 +15,7 @@ the forbidden message been let through, it would have arrived first. Nothing sle
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from wattmesh.broker import (
     BrokerHandle,
+    BrokerProcess,
     MosquittoConfig,
     MosquittoSecurity,
     SecurityFiles,
@@ -57,7 +59,7 @@ COMMUNITY = "acl"
 PEERS = ("a", "b", "c")
 MONITORS = ("monitor", "watch")
 ROOT = f"wattmesh/v1/{COMMUNITY}"
-OWN_CHANNELS = ("presence", "market", "report", "telemetry")
+OWN_CHANNELS = ("presence", "market", "report", "telemetry", "state")  # docs/security.md §3
 
 
 def topic(channel: str, peer: str | None = None) -> str:
@@ -148,7 +150,7 @@ def drop_abruptly(client: aiomqtt.Client) -> None:
 async def test_a_peer_reaches_everyone_it_should(secured: Secured) -> None:
     """Positive controls: own topics, broadcast and another peer's inbox are delivered."""
     async with secured.client("a") as a, secured.client("b") as b, secured.client("watch") as watch:
-        for channel in ("presence", "market", "report"):
+        for channel in OWN_CHANNELS:
             await b.subscribe(f"{topic(channel)}/+", qos=1)
         await b.subscribe(topic("broadcast"), qos=1)
         await b.subscribe(topic("inbox", "b"), qos=1)
@@ -289,22 +291,35 @@ async def test_a_peer_cannot_read_another_inbox_or_telemetry(secured: Secured, p
         await expect(eavesdropper, topic("inbox", "a"), b"control")
 
 
+async def test_a_peer_cannot_read_broker_internals(secured: Secured) -> None:
+    async with secured.client("a") as a, secured.client("c") as c:
+        await a.subscribe(topic("inbox", "a"), qos=1)
+        await a.subscribe("$SYS/#", qos=1)  # would at once deliver the retained $SYS/broker/version
+        await c.publish(topic("inbox", "a"), b"control", qos=1)
+        await expect(a, topic("inbox", "a"), b"control")
+
+
 # ------------------------------------------------------------------ monitors
 async def test_a_monitor_publishes_nothing(secured: Secured) -> None:
     targets = [topic(channel, peer) for channel in (*OWN_CHANNELS, "inbox") for peer in ("a", "monitor")]
     targets.append(topic("broadcast"))
+    will = aiomqtt.Will(topic("broadcast"), b"the monitor's Will", qos=1, retain=True)
     async with (
-        secured.client("monitor") as monitor,
         secured.client("watch") as watch,
         secured.client("a") as a,
         secured.client("b") as b,
     ):
         await watch.subscribe("#", qos=1)
         await a.subscribe("#", qos=1)
+        monitor = secured.client("monitor", will=will)
+        await monitor.__aenter__()
         for name in targets:
             await monitor.publish(name, b"from the monitor", qos=1)
             await monitor.publish(name, b"retained from the monitor", qos=1, retain=True)
-        await b.publish(topic("broadcast"), b"control", qos=1)  # after every PUBACK above
+        drop_abruptly(monitor)
+        async with secured.client("monitor"):  # connected: the first session and its Will are done with
+            pass
+        await b.publish(topic("broadcast"), b"control", qos=1)
 
         await expect(watch, topic("broadcast"), b"control")
         await expect(a, topic("broadcast"), b"control")
@@ -318,6 +333,43 @@ async def test_a_monitor_reads_every_public_topic_but_no_inbox(secured: Secured)
             await a.publish(topic(channel, "a"), channel.encode(), qos=1)
         for channel in OWN_CHANNELS:
             await expect(monitor, topic(channel, "a"), channel.encode())
+
+
+# ------------------------------------------------------------------ revocation
+async def test_revoking_a_peer_refuses_it_and_silences_its_retained_state(tmp_path: Path) -> None:
+    """A peer leaves the roster: new files, a reload, and it is gone, retained state too
+    (``check_retain_source``: a retained message is re-checked against its publisher)."""
+    directory = tmp_path / "secure"
+    files = write_security(directory, COMMUNITY, PEERS, MONITORS)
+    assert files.password_file is not None
+    process = BrokerProcess("mosquitto", security=MosquittoSecurity(files.acl, password_path=files.password_file))
+    secured = Secured(await asyncio.to_thread(process.start), files)
+    try:
+        revoked_password = read_password(directory, "a")
+        async with secured.client("a") as a, secured.client("b") as b:
+            await a.publish(topic("presence", "a"), b"a online", qos=1, retain=True)
+            await b.publish(topic("presence", "b"), b"b online", qos=1, retain=True)
+
+        write_security(directory, COMMUNITY, ["b", "c"], MONITORS)  # a leaves the community
+        process.reload()
+        assert not (directory / "credentials" / "a.password").exists()
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while True:  # the reload is asynchronous: wait until it shows
+            try:
+                async with secured.client("a", password=revoked_password):
+                    pass
+            except aiomqtt.MqttCodeError:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "a can still log in after the reload"
+            await asyncio.sleep(0.02)
+
+        async with secured.client("c") as late:
+            await late.subscribe(f"{topic('presence')}/+", qos=1)
+            await late.subscribe(topic("market", "c"), qos=1)
+            await late.publish(topic("market", "c"), b"marker", qos=1)
+            assert await messages_until(late, b"marker") == {topic("presence", "b"): b"b online"}
+    finally:
+        await asyncio.to_thread(process.stop)
 
 
 # ------------------------------------------------------------------ known limitation
@@ -445,9 +497,9 @@ async def test_tls_identity_comes_from_the_certificate_and_the_acl_applies(secur
         await a.publish(topic("presence", "b"), b"forged", qos=1)
         await a.publish(topic("presence", "a"), b"control", qos=1)
         await expect(b, topic("presence", "a"), b"control")
-    async with secured_tls.client("a") as a:
+    async with secured_tls.client("a", identifier=f"wm-{COMMUNITY}-a") as a:
         await a.subscribe(topic("inbox", "a"), qos=1)
-        async with secured_tls.client("b", identifier="a") as b:  # b's certificate, a's client id
+        async with secured_tls.client("b", identifier=f"wm-{COMMUNITY}-a") as b:  # b's certificate, a's client id
             await b.publish(topic("inbox", "a"), b"hello a", qos=1)
         await expect(a, topic("inbox", "a"), b"hello a")  # a's session survived
 
@@ -489,8 +541,6 @@ def test_password_file_line_matches_mosquitto_passwd(tmp_path: Path) -> None:
     path.write_text("h001:s3cret\n")
     subprocess.run(["mosquitto_passwd", "-U", str(path)], check=True, capture_output=True, timeout=30)
     line = path.read_text().strip()
-    import base64
-
     salt = base64.b64decode(line.split("$")[3])
     assert password_file_line("h001", "s3cret", salt=salt) == line
 
@@ -502,6 +552,18 @@ def test_acl_rejects_ids_that_would_break_the_patterns() -> None:
         acl_text("c+", ["a"])
     with pytest.raises(ValueError, match="both a peer and a monitor"):
         acl_text(COMMUNITY, ["a", "monitor"], ["monitor"])
+
+
+def test_acl_grants_inbox_writes_per_roster_peer_only() -> None:
+    lines = acl_text(COMMUNITY, PEERS, MONITORS).splitlines()
+    grants = [line for line in lines if line.startswith(("topic", "pattern")) and "deny" not in line]
+    assert not [line for line in grants if "write" in line and ("+" in line or "#" in line)]
+    assert [line for line in lines if line.startswith("pattern")] == [
+        f"pattern write {topic('inbox', peer)}" for peer in PEERS
+    ]
+    monitor_block = lines[lines.index("user monitor") : lines.index("user watch")]
+    assert f"topic deny {ROOT}/inbox/#" in monitor_block
+    assert not [line for line in monitor_block if "write" in line]
 
 
 def test_secure_config_text() -> None:
@@ -548,11 +610,13 @@ def test_secure_broker_command_needs_its_options(capsys: pytest.CaptureFixture[s
     assert broker_main(["--secure", "--community", "c"]) == 2
     assert broker_main(["--roster", "r.toml"]) == 2
     assert broker_main(["--secure", "--kind", "embedded", "--roster", "r", "--community", "c", "--out", "o"]) == 2
+    assert cli_main(["broker", "--secure", "--community", "c"]) == 2  # the same through `wattmesh broker`
     errors = capsys.readouterr().err.splitlines()
     assert errors == [
         "wattmesh broker: --secure needs --roster, --out (see --help)",
         "wattmesh broker: --roster needs --secure (see --help)",
         "wattmesh broker: --secure needs Mosquitto (per-peer ACLs); the embedded broker has none (see --help)",
+        "wattmesh broker: --secure needs --roster, --out (see --help)",
     ]
 
 
@@ -580,6 +644,13 @@ async def test_secure_broker_command_runs_and_says_where_the_credentials_are(tmp
             await b.subscribe(topic("inbox", "b"), qos=1)
             await b.publish(topic("inbox", "b"), b"hello", qos=1)
             await expect(b, topic("inbox", "b"), b"hello")
+
+        # the roster changes: "b" leaves; SIGHUP rewrites the files and reloads the broker
+        (tmp_path / "roster.toml").write_text(Roster({"a": roster["a"], "c": roster["c"]}).to_toml())
+        child.send_signal(signal.SIGHUP)
+        line = (await asyncio.wait_for(child.stdout.readline(), 3 * TIMEOUT)).decode()
+        assert line == f"reloaded: 2 peer(s) of community {COMMUNITY}\n"
+        assert not (out / "credentials" / "b.password").exists()
     finally:
         child.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(child.wait(), 3 * TIMEOUT) == 0
