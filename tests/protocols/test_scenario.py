@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +396,7 @@ def _toml_value(value: Any) -> str:
     return _toml(value)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=int(os.environ.get("WATTMESH_FUZZ_EXAMPLES", "150")), deadline=None)
 @given(
     peers=st.lists(
         st.dictionaries(st.sampled_from(_PEER_KEYS), _VALUES, max_size=6), min_size=1, max_size=3
