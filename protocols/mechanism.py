@@ -31,6 +31,7 @@ __all__ = [
     "MECHANISM_MODULES",
     "MarketCore",
     "Outgoing",
+    "check_scenario",
     "PeerOutcome",
     "create_core",
     "settings_from_mapping",
@@ -143,6 +144,20 @@ def create_core(spec: PeerSpec, public: PublicScenario, horizon: int) -> MarketC
     """
     core: MarketCore = _module(public.mechanism).create(spec, public, horizon)
     return core
+
+
+def check_scenario(public: PublicScenario, peers: Mapping[str, PeerSpec]) -> str | None:
+    """Why the mechanism cannot run this community (e.g. it needs a grid), or None.
+
+    Each core checks what it needs when it is created; creating every peer's core once
+    at load time turns those checks into a scenario error instead of a failed run.
+    """
+    for spec in peers.values():
+        try:
+            create_core(spec, public, 1)
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 def validate_settings(mechanism: str, settings: Mapping[str, Any]) -> None:

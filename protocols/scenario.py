@@ -223,6 +223,9 @@ def parse_scenario_data(data: Mapping[str, Any], *, source: str = "scenario") ->
     mechanism = market.string("mechanism", default="admm")
     if mechanism not in MECHANISMS:
         raise market.error("mechanism", f"{mechanism!r} is not available (choose: {', '.join(MECHANISMS)})")
+    for other in MECHANISMS:
+        if other != mechanism and other in market_table:
+            raise market.error(other, f"unknown key: settings of {other!r}, but the mechanism is {mechanism!r}")
     default_fee = market.number("fee", default=0.0, minimum=0.0)
     settings = dict(market.table_of(mechanism))
     for key, value in settings.items():  # the settings classes would take nan/inf/huge ints
@@ -262,10 +265,12 @@ def parse_scenario_data(data: Mapping[str, Any], *, source: str = "scenario") ->
         if len(leaders) != 1:
             key = "peers" if not leaders else f"peers[{leaders[1][0]}].role"
             found = "none" if not leaders else ", ".join(repr(pid) for _, pid in leaders)
-            raise ScenarioError(source, key, f'mechanism "stackelberg" needs exactly one peer with role = "leader", found {found}')
+            reason = f'mechanism "stackelberg" needs exactly one peer with role = "leader", found {found}'
+            raise ScenarioError(source, key, reason)
         settings["leader"] = leaders[0][1]  # public: every follower must know whose prices to take
     elif leaders:
-        raise ScenarioError(source, f"peers[{leaders[0][0]}].role", f'"leader" is a role of mechanism "stackelberg" only, not of {mechanism!r}')
+        reason = f'"leader" is a role of mechanism "stackelberg" only, not of {mechanism!r}'
+        raise ScenarioError(source, f"peers[{leaders[0][0]}].role", reason)
     for index, pid in enumerate(specs):
         for other in sorted(wants[pid] or ()):
             if other == pid:
@@ -300,6 +305,11 @@ def parse_scenario_data(data: Mapping[str, Any], *, source: str = "scenario") ->
 
     _check_feasible(source, specs, links, grid)
     public = PublicScenario(name, mechanism, ids, links, fees, grid, settings)
+    from wattmesh.protocols.mechanism import check_scenario
+
+    problem = check_scenario(public, specs)
+    if problem is not None:
+        raise ScenarioError(source, "market.mechanism", problem)
     return Scenario(public, specs)
 
 
