@@ -101,7 +101,7 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise LedgerError(f"{path}: no such ledger file")
     roster = load_roster(Path(args.roster))
-    with Ledger(path) as ledger:
+    with Ledger(path, read_only=True) as ledger:
         rows = audit(ledger.records(args.session), roster)
     bad = [r for r in rows if r["check"].startswith("BAD")]
     if args.export == "json":
@@ -126,7 +126,10 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
         lines.append(f"{len(rows)} records, {finals} final contracts, {len(bad)} failing verification")
         text = "\n".join(lines)
     if args.out:
-        Path(args.out).write_text(text if text.endswith("\n") else text + "\n")
+        try:
+            Path(args.out).write_text(text if text.endswith("\n") else text + "\n")
+        except OSError as exc:
+            raise WattmeshError(f"{args.out}: cannot write ({exc.strerror})") from None
         _say(f"wrote {len(rows)} records to {args.out}")
     else:
         _say(text.rstrip("\n"))

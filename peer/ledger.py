@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 
 
+_CONTRACT_COLUMNS = "session, counterparty, role, kwh, price, status, terms, seller_sig, buyer_sig, deadline_ms, reason"
+
+
 class LedgerError(WattmeshError):
     """The ledger file cannot be opened or is not a wattmesh ledger."""
 
@@ -56,14 +59,25 @@ class LedgerError(WattmeshError):
 class Ledger:
     """Contracts and settled sessions of one peer."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """
+        Args:
+            read_only: inspect an existing ledger without changing the file at all
+                (``wattmesh ledger`` on a file that may have been tampered with).
+        """
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            if read_only:
+                self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+            # a foreign database with tables of the same names is not a ledger
+            self._db.execute(f"SELECT {_CONTRACT_COLUMNS} FROM contracts LIMIT 0")
+            self._db.execute("SELECT session, community, mechanism, report, created_ms FROM sessions LIMIT 0")
         except (sqlite3.Error, OSError) as exc:
             raise LedgerError(f"{path}: cannot open the ledger ({exc})") from None
 
@@ -93,7 +107,7 @@ class Ledger:
 
     def records(self, session: str | None = None) -> list[ContractRecord]:
         """Every record, or one session's, ordered by session and counterparty."""
-        query = "SELECT session, counterparty, role, kwh, price, status, terms, seller_sig, buyer_sig, deadline_ms, reason FROM contracts"
+        query = f"SELECT {_CONTRACT_COLUMNS} FROM contracts"
         args: tuple[Any, ...] = ()
         if session is not None:
             query += " WHERE session = ?"
@@ -154,7 +168,11 @@ def audit(records: Iterable[ContractRecord], roster: Roster) -> list[dict[str, A
     for r in records:
         check = "-"
         contract = r.contract
-        if contract is not None:
+        if contract is not None and not all(
+            isinstance(b, bytes) for b in (contract.terms_bytes, contract.seller_signature, contract.buyer_signature)
+        ):
+            check, contract = "BAD: terms or signatures are not bytes", None
+        elif contract is not None:
             try:
                 terms = contract.verify(roster)
                 seller, buyer = (terms.seller, terms.buyer)
@@ -171,7 +189,7 @@ def audit(records: Iterable[ContractRecord], roster: Roster) -> list[dict[str, A
             "session": r.session, "counterparty": r.counterparty, "role": r.role, "kwh": r.kwh,
             "price": r.price, "status": r.status, "check": check, "reason": r.reason,
         }  # fmt: skip
-        if contract is not None:
+        if contract is not None and check == "ok":
             row["contract"] = contract.to_dict()
         rows.append(row)
     return rows

@@ -34,6 +34,10 @@ CONTRACT_VERSION = 1
 CONTRACT_DOMAIN = b"wattmesh/contract/v1\x00"
 _KEYS = ("version", "community", "session", "buyer", "seller", "kwh", "price", "time_ms", "expires_ms")
 _MAX_TERMS_BYTES = 1024
+_TYPES = {
+    "community": str, "session": str, "buyer": str, "seller": str,
+    "kwh": float, "price": float, "time_ms": int, "expires_ms": int,
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +97,16 @@ class Terms:
         values = unpack_strict(data, "contract terms")
         if not isinstance(values, dict) or set(values) != set(_KEYS):
             raise DecodeError(f"contract terms must be a map with exactly the keys {', '.join(_KEYS)}")
-        if values["version"] != CONTRACT_VERSION or isinstance(values["version"], bool):
-            raise DecodeError(f"unsupported contract version {values['version']!r}")
+        if type(values["version"]) is not int or values["version"] != CONTRACT_VERSION:
+            raise DecodeError("unsupported contract version")
+        # exact types first: a hostile value (deeply nested arrays) must never reach a
+        # repr() in an error message, which could exhaust the stack
+        for key, kind in _TYPES.items():
+            if type(values[key]) is not kind:
+                raise DecodeError(f"contract terms: {key} must be {kind.__name__}, not {type(values[key]).__name__}")
         try:
             return cls(**{k: values[k] for k in _KEYS[1:]})
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise DecodeError(f"contract terms: {exc}") from None
 
 

@@ -23,7 +23,8 @@ price), identical (opposite kWh, same price) at both ends. Per trade with more t
    signatures; a buyer re-answers a repeated proposal with the same accept (Ed25519
    is deterministic), so a lost accept heals on the next re-send.
 4. **Expiry.** A proposal with no accept by ``expires_ms + grace_s`` is ``expired``
-   at the seller; a buyer's trade with no acceptable proposal by its own start +
+   at the seller (a valid accept arriving later still makes it ``final``: the buyer
+   holds both signatures); a buyer's trade with no acceptable proposal by its own start +
    ``expiry_s + grace_s`` is ``expired`` at the buyer. Expired and rejected trades
    are never acted on (no delivery, no payment).
 
@@ -258,8 +259,11 @@ class Settlement:
             raise ProtocolError("accept for terms this peer did not propose", peer_id=sender)
         if record.status == "final":
             return SettlementStep()  # a repeated accept
-        if record.status != "proposed":
+        if record.status not in ("proposed", "expired"):
             raise ProtocolError(f"accept for a contract already {record.status}", peer_id=sender)
+        # An accept arriving after our deadline still completes the contract: the buyer
+        # countersigned in time (it checks the margin) and holds both signatures, so
+        # refusing would leave the two ledgers disagreeing about a valid contract.
         verify_signature(terms_bytes, signature, sender, self._roster)
         final = replace(record, status="final", buyer_signature=signature, reason=None)
         self.records[sender] = final
@@ -295,8 +299,8 @@ class Settlement:
         assert record is not None
         my_signature = sign_terms(terms_bytes, self._key)
         final = replace(
-            record, status="final", terms_bytes=terms_bytes, seller_signature=signature,
-            buyer_signature=my_signature, reason=None,
+            record, status="final", kwh=terms.kwh, price=terms.price, terms_bytes=terms_bytes,
+            seller_signature=signature, buyer_signature=my_signature, reason=None,
         )  # fmt: skip
         self.records[sender] = final
         return SettlementStep(records=[final], outgoing=[self._accept(sender, terms_bytes, my_signature)])
