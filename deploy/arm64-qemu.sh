@@ -11,7 +11,8 @@
 #   env MIRROR=...     Debian mirror, default http://deb.debian.org/debian
 #
 # What it does, in order; every step is skipped when already done, so it is safe to re-run:
-#  1. host: apt-get install qemu-user-static binfmt-support debootstrap (if missing).
+#  1. host: apt-get install qemu-user-static binfmt-support debootstrap, and mosquitto for
+#     the proof (each only if missing).
 #  2. host: mount binfmt_misc on /proc/sys/fs/binfmt_misc if it is not mounted (a container
 #     may start without it) and `update-binfmts --enable qemu-aarch64`; checks the entry
 #     /proc/sys/fs/binfmt_misc/qemu-aarch64 says "enabled". Building the rootfs needs it
@@ -58,14 +59,16 @@ case "$ROOTFS/" in "$REPO"/*) die "ROOTFS $ROOTFS is inside the repository $REPO
 
 say "1. host packages"
 missing=()
-for pkg in qemu-user-static binfmt-support debootstrap; do
+host_packages=(qemu-user-static binfmt-support debootstrap)
+[ "$PROOF" = 0 ] || host_packages+=(mosquitto) # the proof's broker, run natively
+for pkg in "${host_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
-dpkg-query -W -f='${Package} ${Version}\n' qemu-user-static binfmt-support debootstrap
+dpkg-query -W -f='${Package} ${Version}\n' "${host_packages[@]}"
 
 say "2. binfmt_misc registration of qemu-aarch64"
 if [ ! -e "$BINFMT/register" ]; then
@@ -119,6 +122,7 @@ if ! mountpoint -q "$ROOTFS/proc"; then mount -t proc proc "$ROOTFS/proc"; MOUNT
 if ! mountpoint -q "$ROOTFS/dev"; then mount --bind /dev "$ROOTFS/dev"; MOUNTED+=("$ROOTFS/dev"); fi
 in_rootfs() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
 echo "   uname -m inside: $(in_rootfs uname -m); $(in_rootfs python3 --version)"
+# shellcheck disable=SC2016 # dpkg-query's own ${Status} format, not a shell expansion
 if ! in_rootfs dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
     in_rootfs apt-get update
     in_rootfs env DEBIAN_FRONTEND=noninteractive apt-get install -y python3 python3-venv ca-certificates

@@ -85,7 +85,7 @@ HOMES = [(-3.2, 1.0, 0.10), (2.6, 1.2, 0.08), (-1.4, 1.5, 0.15), (1.8, 1.0, 0.12
 
 
 def community(n: int, name: str = "arm-proof") -> Scenario:
-    """A community of ``n`` homes (1 ≤ n ≤ 12), everyone may trade with everyone."""
+    """A community of ``n`` homes (2 ≤ n ≤ 12), everyone may trade with everyone."""
     if not 2 <= n <= 2 * len(HOMES):
         raise ValueError(f"--peers must be 2..{2 * len(HOMES)}")
     lines = [
@@ -190,6 +190,32 @@ def proc_status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
+_QEMU_SPECIAL = ("[heap]", "[stack]", "[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
+
+
+def guest_rss_kib(pid: int) -> int | None:
+    """Estimated resident memory of the aarch64 guest inside a qemu-user process [KiB].
+
+    qemu-user maps the guest's memory 1:1 below its own: the sum of the Rss of every
+    mapping that starts below qemu's heap (the host brk), less qemu's own binary. What
+    it leaves out is qemu's: its binary, heap, translation buffer and thread arenas.
+    """
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return None
+    maps: list[tuple[int, str, int]] = []
+    start, path = 0, ""
+    for line in text.splitlines():
+        head = line.split(maxsplit=5)
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            start, path = int(head[0].split("-")[0], 16), head[5] if len(head) > 5 else ""
+        elif head[0] == "Rss:":
+            maps.append((start, path, int(head[1])))
+    heap = min((a for a, p, _ in maps if p == "[heap]"), default=0x7F00_0000_0000)
+    return sum(kib for a, p, kib in maps if a < heap and "qemu-" not in p and p not in _QEMU_SPECIAL)
+
+
 @dataclass
 class PeerProcess:
     """One worker process and what was measured of it (times: time.monotonic() [s])."""
@@ -204,8 +230,10 @@ class PeerProcess:
     cpu_report: float | None = None
     cpu_last: float = 0.0
     hwm_kib: int = 0
+    guest_kib: int = 0  # emulated only: peak of guest_rss_kib() over samples
     threads: int = 0
     exe: str = ""
+    samples: int = 0
 
     def sample(self) -> float | None:
         """Read the process's CPU, peak RSS and executable while it lives."""
@@ -218,6 +246,9 @@ class PeerProcess:
             self.threads = max(self.threads, int(status.get("Threads", "0")))
         with contextlib.suppress(OSError):
             self.exe = os.readlink(f"/proc/{pid}/exe")
+        if self.emulated and self.samples % 10 == 0:  # smaps is costly: every 10th sample
+            self.guest_kib = max(self.guest_kib, guest_rss_kib(pid) or 0)
+        self.samples += 1
         cpu = proc_cpu_s(pid)
         if cpu is not None:
             self.cpu_last = cpu
@@ -430,7 +461,8 @@ async def main() -> int:
     for pid, peer in out.peers.items():
         where = "aarch64 (qemu)" if peer.emulated else platform.machine()
         online = f"{peer.online - peer.spawned:.2f} s" if peer.online else "never seen"
-        print(f"  {pid}: {where:15} online after {online}, peak RSS {peer.hwm_kib / 1024:.1f} MiB, "
+        guest = f" (guest ≈ {peer.guest_kib / 1024:.1f} MiB)" if peer.emulated else ""
+        print(f"  {pid}: {where:15} online after {online}, peak RSS {peer.hwm_kib / 1024:.1f} MiB{guest}, "
               f"CPU {peer.cpu_last:.2f} s, exit {peer.process.returncode}")  # fmt: skip
     result = out.result
     print(f"converged: {result['converged']}")

@@ -13,8 +13,9 @@ Raspberry Pi figures.
    interpreters of ``python -c pass``, ``python -c "import wattmesh.peer.market"``
    and ``python -c "import wattmesh.peer.worker, wattmesh.protocols.admm"`` (what a
    worker loads before its first message); and, in one interpreter, the wall time
-   and resident memory (VmRSS, split into anonymous and file-backed pages, and
-   threads) after each stage of imports, in the order a worker needs them. Says
+   and resident memory (VmRSS of /proc/PID/status, read from outside while the child
+   waits, split into anonymous and file-backed pages, and threads) after each stage
+   of imports, in the order a worker needs them. Says
    whether ``amqtt`` (the embedded broker) gets imported by a peer.
 2. **A market session** (``--repeat`` times): a community of ``--peers`` homes
    (everyone may trade with everyone, so the measured peer has ``--peers`` − 1
@@ -23,7 +24,10 @@ Raspberry Pi figures.
    alone. From its /proc entries, sampled every 10 ms while it lives:
 
    - **peak RSS**: ``VmHWM`` of /proc/PID/status [MiB] (the kernel's high-water mark,
-     so sampling misses at most the last 10 ms of the process);
+     so sampling misses at most the last 10 ms of the process); under emulation this
+     is qemu's process, so also the peak of an estimate of the aarch64 guest's own
+     share (``arm_proof.guest_rss_kib``: the mappings qemu made for the guest, from
+     /proc/PID/smaps every 100 ms, without qemu's binary, heap and translation cache);
    - **start-up**: from the spawn to its signed presence birth seen by an observer
      connection on the broker (the birth is published once the peer is connected and
      subscribed) [s]; and the CPU it used until then;
@@ -41,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -54,7 +57,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from arm_proof import VENV_PYTHON, community, emulated_argv, host_env, resolve_runner, run_session
+from arm_proof import (
+    VENV_PYTHON,
+    community,
+    emulated_argv,
+    guest_rss_kib,
+    host_env,
+    proc_status,
+    resolve_runner,
+    run_session,
+)
 
 MEASURED = "h1"
 GOAL_RSS_MIB = 40.0
@@ -66,14 +78,15 @@ IMPORTS = {
     "import worker + ADMM core": "import wattmesh.peer.worker, wattmesh.protocols.admm",
 }
 
+# Run in the measured interpreter: after each stage it prints its wall time and waits for
+# a line on stdin, while this side reads the child's /proc/PID/status (the chroot has no
+# /proc of its own, and the child must not perturb what it measures).
 STAGES = """
 import sys, time
-t0 = time.perf_counter()
-def status():
-    d = dict(l.split(":", 1) for l in open("/proc/self/status"))
-    kib = lambda k: int(d[k].split()[0])
-    return [kib("VmRSS"), kib("RssAnon"), kib("RssFile"), int(d["Threads"])]
-rows = [["interpreter (python -c)", 0.0, *status()]]
+def stage(label, seconds):
+    print(label + "\t" + repr(seconds), flush=True)
+    sys.stdin.readline()
+stage("interpreter (python -c)", 0.0)
 for label, statement in [
     ("asyncio, logging, json", "import asyncio, logging, json"),
     ("cryptography (Ed25519)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
@@ -84,11 +97,35 @@ for label, statement in [
 ]:
     t = time.perf_counter()
     exec(statement)
-    rows.append([label, time.perf_counter() - t, *status()])
-import json
-print(json.dumps({"rows": rows, "amqtt": any(m.split(".")[0] == "amqtt" for m in sys.modules),
-                  "modules": len(sys.modules)}))
+    stage(label, time.perf_counter() - t)
+stage("amqtt imported " + str(any(m.split(".")[0] == "amqtt" for m in sys.modules)), len(sys.modules))
 """
+
+
+def staged_imports(argv: list[str], env: dict[str, str], emulated: bool) -> tuple[list[list[Any]], bool, int]:
+    """[[stage, wall s, VmRSS, RssAnon, RssFile (KiB), threads, guest KiB or None]], amqtt imported, modules."""
+    child = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    rows: list[list[Any]] = []
+    try:
+        for line in child.stdout:
+            label, value = line.rstrip("\n").split("\t")
+            if label.startswith("amqtt imported "):
+                child.stdin.write("\n")
+                child.stdin.flush()
+                child.wait(60)
+                return rows, label.endswith("True"), int(value)
+            status = proc_status(child.pid)
+            kib = [int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile")]
+            guest = guest_rss_kib(child.pid) if emulated else None
+            rows.append([label, float(value), *kib, int(status["Threads"]), guest])
+            child.stdin.write("\n")
+            child.stdin.flush()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    raise RuntimeError(f"staged imports ended early (exit {child.returncode})")
 
 
 def python_argv(where: str, rootfs: Path | None, runner: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -108,16 +145,14 @@ def import_figures(where: str, rootfs: Path | None, runner: str, repeat: int) ->
             subprocess.run(argv, env=env, check=True)
             walls.append(time.perf_counter() - started)
         out[label] = statistics.median(walls)
-    runs = []
-    for _ in range(repeat):
-        argv, env = python_argv(where, rootfs, runner, ["-c", STAGES])
-        runs.append(json.loads(subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout))
-    rows = []
-    for i, row in enumerate(runs[0]["rows"]):
-        rows.append([row[0], statistics.median(r["rows"][i][1] for r in runs), *row[2:]])
-    out["stages"] = rows
-    out["amqtt"] = runs[0]["amqtt"]
-    out["modules"] = runs[0]["modules"]
+    runs = [
+        staged_imports(*python_argv(where, rootfs, runner, ["-c", STAGES]), where == "emulated") for _ in range(repeat)
+    ]
+    # wall: median over the runs; memory: the first run's (it does not vary)
+    out["stages"] = [
+        [row[0], statistics.median(r[0][i][1] for r in runs), *row[2:]] for i, row in enumerate(runs[0][0])
+    ]
+    out["amqtt"], out["modules"] = runs[0][1], runs[0][2]
     return out
 
 
@@ -126,11 +161,16 @@ def print_imports(where: str, figures: dict[str, Any]) -> None:
     print("| command | median wall [s] |")
     print("|---|---:|")
     for label in IMPORTS:
-        print(f"| `python -c \"{IMPORTS[label]}\"` | {figures[label]:.3f} |")
-    print("\n| stage (cumulative, one interpreter) | wall [s] | VmRSS [MiB] | of which anon | file-backed | threads |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, wall, rss, anon, file_, threads in figures["stages"]:
-        print(f"| {label} | {wall:.3f} | {rss / 1024:.1f} | {anon / 1024:.1f} | {file_ / 1024:.1f} | {threads} |")
+        print(f'| `python -c "{IMPORTS[label]}"` | {figures[label]:.3f} |')
+    emulated = figures["stages"][0][-1] is not None
+    head = "| stage (cumulative, one interpreter) | wall [s] | VmRSS [MiB] | anon | file-backed | threads |"
+    print("\n" + head + (" aarch64 guest ≈ [MiB] |" if emulated else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if emulated else ""))
+    for label, wall, rss, anon, file_, threads, guest in figures["stages"]:
+        cells = [f"{wall:.3f}", *(f"{kib / 1024:.1f}" for kib in (rss, anon, file_)), str(threads)]
+        if emulated:
+            cells.append(f"{guest / 1024:.1f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n{figures['modules']} modules loaded; amqtt imported by a peer: {'YES' if figures['amqtt'] else 'no'}")
 
 
@@ -150,6 +190,7 @@ async def session_figures(where: str, rootfs: Path | None, runner: str, args: ar
         iterations = int(report["iterations"])
         rows.append({
             "rss_mib": peer.hwm_kib / 1024,
+            "guest_mib": peer.guest_kib / 1024 if peer.emulated else None,
             "startup_s": peer.online - peer.spawned,
             "startup_cpu_s": peer.cpu_online,
             "cpu_per_round_ms": 1000 * (peer.cpu_report - peer.cpu_online) / iterations,
@@ -165,11 +206,15 @@ async def session_figures(where: str, rootfs: Path | None, runner: str, args: ar
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> str:
-    values = [r[key] for r in rows]
+    values = [r[key] for r in rows if r[key] is not None]
     if not values:
         return "–"
     mid = statistics.median(values)
-    fmt = ".0f" if key in ("iterations", "threads") else (".1f" if key in ("rss_mib", "cpu_per_round_ms") else ".2f")
+    fmt = ".2f"
+    if key in ("iterations", "threads"):
+        fmt = ".0f"
+    elif key in ("rss_mib", "guest_mib", "cpu_per_round_ms"):
+        fmt = ".1f"
     if len(values) == 1 or min(values) == max(values):
         return format(mid, fmt)
     return f"{mid:{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]"
@@ -184,6 +229,7 @@ def print_sessions(results: dict[str, dict[str, Any]], args: argparse.Namespace)
     print("|---|" + "---:|" * len(columns) + "---:|")
     for key, label, goal in [
         ("rss_mib", "peak RSS (VmHWM) [MiB]", f"≤ {GOAL_RSS_MIB:g}"),
+        ("guest_mib", "of which the aarch64 guest, estimated (peak) [MiB]", ""),
         ("startup_s", "start-up, spawn → birth on the broker [s]", f"≤ {GOAL_STARTUP_S:g}"),
         ("startup_cpu_s", "CPU during start-up [s]", ""),
         ("cpu_per_round_ms", "CPU per market round [ms]", ""),
@@ -214,7 +260,8 @@ async def main() -> None:
     print(f"# bench_footprint: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"# host: {platform.platform()}, {len(os.sched_getaffinity(0))} CPUs, Python {platform.python_version()}; "
           f"numpy {version('numpy')}, cryptography {version('cryptography')}, aiomqtt {version('aiomqtt')}, "
-          f"paho-mqtt {version('paho-mqtt')}, msgpack {version('msgpack')}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"paho-mqtt {version('paho-mqtt')}, msgpack {version('msgpack')}; "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     if rootfs:
         versions = subprocess.run(
             emulated_argv(rootfs, runner, [VENV_PYTHON, "-c",
