@@ -110,7 +110,7 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
     # measured ~25 s for 500 peers in 20 processes on an idle machine; keep 4× margin.
     start_timeout = max(60.0, 2.0 * len(groups) + 0.2 * len(ids))
     started = time.monotonic()
-    monitor = MonitorState(expected_peers=len(ids))
+    monitor = MonitorState(expected_peers=len(ids), roster=roster, community=public.name)
 
     async with _broker_url(options.broker, options.progress) as url:
         connection = PeerConnection(

@@ -57,6 +57,8 @@ def render(snapshot: Snapshot, *, title: str = "wattmesh monitor") -> Group:
     progress = Table.grid(padding=(0, 1))
     progress.add_row(Text("peers within tolerance", style="bold"), bar, Text(f"{100 * snapshot.converged_share:.0f} %"))
     parts: list[Any] = [table, progress]
+    if snapshot.liars:
+        parts.append(Text(f"equivocation proven (excluded): {', '.join(snapshot.liars)}", style="bold red"))
     if snapshot.settled_line:
         parts.append(Text(snapshot.settled_line, style="bold green"))
     return Group(*parts)
@@ -88,7 +90,7 @@ async def watch(
     """
     from rich.live import Live
 
-    state = MonitorState(expected_peers=expected_peers)
+    state = MonitorState(expected_peers=expected_peers, roster=roster, community=community)
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
     connection = PeerConnection(

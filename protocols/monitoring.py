@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wattmesh.protocols.errors import ProtocolError
+from wattmesh.protocols.evidence import EVIDENCE_TYPE, verify_evidence
+from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.wire import Envelope
 
 __all__ = ["IterationSummary", "MonitorState", "PeerStatus", "Snapshot"]
@@ -69,6 +72,7 @@ class Snapshot:
     settled: bool
     settled_line: str | None
     converged_share: float
+    liars: tuple[str, ...] = ()  # peers proven to have equivocated (signed proofs checked)
 
 
 @dataclass(slots=True)
@@ -94,6 +98,9 @@ class MonitorState:
 
     expected_peers: int | None = None
     session: str | None = None
+    roster: Roster | None = None  # to check equivocation proofs; without it proofs are not shown
+    community: str | None = None
+    liars: dict[str, str] = field(default_factory=dict)  # accused -> first peer that proved it
     peers: dict[str, PeerStatus] = field(default_factory=dict)
     reports: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     _rounds: dict[int, _Round] = field(default_factory=dict)
@@ -115,13 +122,25 @@ class MonitorState:
         if envelope.session != self.session:
             return  # a monitor follows one session at a time: the first it sees
         status.online = True
-        if channel == "telemetry" and envelope.type.endswith(STATUS_SUFFIX):
+        if channel == "telemetry" and envelope.type == EVIDENCE_TYPE:
+            self._on_evidence(envelope)
+        elif channel == "telemetry" and envelope.type.endswith(STATUS_SUFFIX):
             self._on_status(envelope.sender, status, body, now)
         elif channel == "report" and envelope.type.endswith(REPORT_SUFFIX):
             status.finished = True
             self.reports[envelope.sender] = body
         elif channel == "report" and envelope.type == FAILED_TYPE:
             status.failed = str(body.get("reason", "failed"))
+
+    def _on_evidence(self, envelope: Envelope) -> None:
+        """A peer reports a lie: shown only if the proof holds under the roster."""
+        if self.roster is None or self.community is None:
+            return
+        try:
+            proof = verify_evidence(envelope.body, self.roster, self.community)
+        except ProtocolError:
+            return
+        self.liars.setdefault(proof.accused, envelope.sender)
 
     def _on_status(self, sender: str, status: PeerStatus, body: Mapping[str, Any], now: float) -> None:
         try:
@@ -190,5 +209,5 @@ class MonitorState:
         share = latest.converged_share if latest else 0.0
         return Snapshot(
             self.session, current, expected, sum(s.online for s in self.peers.values()), late,
-            dropped, finished, latest, settled, line, share,
+            dropped, finished, latest, settled, line, share, tuple(sorted(self.liars)),
         )  # fmt: skip

@@ -88,3 +88,18 @@ def test_memory_is_bounded_to_a_window_of_rounds() -> None:
         data = frame("liar", k, {"k": k})
         detector.observe(verified(data), data)
     assert len(detector._seen) <= 4
+
+
+def test_the_monitor_shows_a_liar_only_when_the_proof_holds() -> None:
+    from wattmesh.protocols.evidence import EVIDENCE_TYPE
+    from wattmesh.protocols.monitoring import MonitorState
+
+    # GIVEN a monitor with the roster, and h1 reporting the liar twice: a forged and a real proof
+    state = MonitorState(expected_peers=2, roster=ROSTER, community="c")
+    real = [frame("liar", 1, {"k": 3, "t": 1.0}), frame("liar", 2, {"k": 3, "t": 2.0})]
+    fake = [real[0], frame("liar", 3, {"k": 3, "t": 1.0})]  # the same body: no contradiction
+    for seq, frames in enumerate((fake, real), start=1):
+        report = Envelope(EVIDENCE_TYPE, "h1", "c", "s1", seq, 0, {"accused": "liar", "frames": frames})
+        state.observe("telemetry", report, 0.0)
+        # THEN only the real proof names the liar in the view
+        assert state.snapshot(0.0).liars == (() if frames is fake else ("liar",))
