@@ -60,11 +60,15 @@ async def test_each_mechanism_runs_as_processes_and_settles_in_contracts(
         reported = result["peers"][pid]
         assert reported["cost"] == pytest.approx(outcome.cost, rel=1e-9, abs=1e-12), pid
         assert reported["community_import"] == pytest.approx(outcome.community_import, rel=1e-9, abs=1e-12), pid
-    # AND nobody is worse off than with the grid alone (individual rationality), or ADMM's
-    # optimum is reported as it is (ADMM maximises welfare, not each peer's gain)
-    if mechanism != "admm":
+    # AND nobody is worse off than with the grid alone (individual rationality); consensus
+    # charges fees outside its single price, so with fees a peer can pay more than it gains
+    # (docs/mechanisms/consensus.md): it is reported as it is
+    # ADMM's trades are settled at its stopping tolerance (eps_rel 1e-4) from the equilibrium,
+    # where each peer's best response can never be worse than trading nothing: 9e-8 seen
+    slack = 1e-6 if mechanism == "admm" else 1e-9
+    if mechanism != "consensus":
         for pid, peer in result["peers"].items():
-            assert peer["cost"] <= peer["grid_only_cost"] + 1e-9, pid
+            assert peer["cost"] <= peer["grid_only_cost"] + slack, pid
     # AND the monitor followed the rounds of this mechanism's telemetry
     assert result["history"], "no per-round telemetry reached the launcher's monitor"
     # AND each party's ledger holds the contract, both signatures valid
