@@ -12,6 +12,24 @@ Topic layout (docs/wire.md "Topics")::
 Each topic has its own :class:`~wattmesh.protocols.wire.Verifier`, because MQTT
 orders messages per topic only; a sender's sequence numbers rise across all its
 messages, so they also rise within each topic.
+
+Faults (docs/faults.md): with a :class:`~wattmesh.peer.faults.FaultPlan` that drops or
+delays, each verified incoming market or inbox message is dropped with the plan's
+probability (``drops["injected"]``) or held for a random delay before it is queued.
+Injecting here, after verification, is what a lossy network would look like to the
+protocol if TCP did not retransmit.
+
+Reconnection (``reconnect_s > 0``): a lost connection is re-established with backoff
+(0.05 s doubling to 2 s) for up to ``reconnect_s`` seconds. The new connection registers
+a fresh Will, re-subscribes every topic subscribed so far and re-publishes the
+retained birth if the peer had announced itself. Meanwhile :meth:`receive` waits as
+usual and :meth:`publish` waits for the connection (within the same deadline); a
+publish cut off in flight is published again once the connection is back (at least
+once: a copy the broker had already relayed is refused by the receiver as a replay).
+Whatever others published while this peer was away is lost; the protocols' own
+re-sends recover it. Past the deadline :meth:`receive` and :meth:`publish` raise
+:class:`BrokerConnectionError`. With ``reconnect_s = 0`` (the default) a lost connection
+raises at once, as a monitor or a test cutting the link wants.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from wattmesh.broker.security import TlsFiles
+from wattmesh.peer.faults import FAULT_CHANNELS, FaultPlan
 from wattmesh.peer.sequence import SequenceStore
 from wattmesh.protocols.errors import ProtocolError, WattmeshError
 from wattmesh.protocols.identity import Roster
@@ -45,6 +64,9 @@ logger = logging.getLogger(__name__)
 CHANNELS = ("presence", "inbox", "market", "broadcast", "telemetry", "report", "state")
 _QOS = {"presence": 1, "inbox": 1, "market": 1, "broadcast": 1, "telemetry": 0, "report": 1, "state": 1}
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Nagle costs ~40 ms per round trip
+_ACK_TIMEOUT_S = 60.0  # an operation waits this long for its ack: amqtt on a busy 2-core host took >10 s
+_RECONNECT_FIRST_S = 0.05  # backoff between reconnection attempts: doubles up to _RECONNECT_MAX_S
+_RECONNECT_MAX_S = 2.0
 
 
 class BrokerConnectionError(WattmeshError):
@@ -134,6 +156,8 @@ class PeerConnection:
         username: str | None = None,
         password: str | None = None,
         tls: ssl.SSLContext | TlsFiles | None = None,
+        faults: FaultPlan | None = None,
+        reconnect_s: float = 0.0,
     ) -> None:
         """
         Args:
@@ -152,11 +176,17 @@ class PeerConnection:
                 files of this peer (``wattmesh ca issue``); a broker that takes the
                 identity from the certificate needs no password. An ``mqtts://`` URL
                 without ``tls`` uses the system's trusted CAs.
+            faults: drops and delays to inject into incoming market and inbox messages
+                (tests, benchmarks and drills; ``None`` injects nothing).
+            reconnect_s: how long to keep reconnecting after the connection is lost [s];
+                0 = never (a lost connection raises :class:`BrokerConnectionError`).
         """
         if session is None and not read_only:
             raise ValueError("a connection that publishes needs a session")
         if username is None and password is not None:
             username = peer_id
+        if not reconnect_s >= 0:
+            raise ValueError("reconnect_s must be >= 0")
         self.peer_id = peer_id
         self.session = session
         self.community = community
@@ -175,6 +205,16 @@ class PeerConnection:
         self._verifiers: dict[tuple[str, str | None], Verifier] = {}  # see _verifier()
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
+        # what a new connection must restore: topic -> QoS (in subscription order), the birth
+        self._subscriptions: dict[str, int] = {self.topics.of("inbox", peer_id): _QOS["inbox"]}
+        self._announced = False
+        self._reconnect_s = reconnect_s
+        self._up = asyncio.Event()  # set while a connection is established
+        self._lost = asyncio.Event()  # set when the current connection is gone (one per connection)
+        self._closing = False
+        self._faults = faults if faults is not None and faults.disturbs_messages else None
+        self._fault_random = None if self._faults is None else self._faults.random(peer_id)
+        self._held: set[asyncio.TimerHandle] = set()  # delayed deliveries
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
         self._read_only = read_only
         self._presence = _Presence()
@@ -183,17 +223,48 @@ class PeerConnection:
         self.published = 0
         self.bytes_published = 0
         self.received = 0
+        self.reconnects = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> PeerConnection:
+        await self._open(_ACK_TIMEOUT_S)
+        self._reader = asyncio.create_task(self._read(), name=f"reader-{self.peer_id}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closing = True  # no reconnection, no re-publishing from here on
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        for handle in self._held:
+            handle.cancel()
+        self._held.clear()
+        if self._client is not None and not self._read_only:
+            with contextlib.suppress(Exception):
+                # a clean goodbye: the broker discards the Will, so say offline ourselves
+                await self.publish("presence", "presence", {"online": False}, retain=True)
+            with contextlib.suppress(Exception):
+                await self._client.__aexit__(None, None, None)
+
+    async def _open(self, timeout: float) -> None:
+        """Connect a new MQTT client: Will registered, every subscription so far in place,
+        the birth re-published if this peer had announced itself.
+
+        Raises:
+            BrokerConnectionError: the broker refused or did not answer within ``timeout``.
+        """
         # The birth is published after connecting but takes the lower number, so on the
-        # presence topic birth < will < any later goodbye, as replay protection needs.
+        # presence topic birth < will < any later goodbye, as replay protection needs;
+        # a reconnection takes two new numbers, above every frame sent before.
         will = None
         if not self._read_only:
             self._birth_seq = self._sequence.next()
             will_frame = self._frame("presence", {"online": False}, seq=self._sequence.next())
             will = aiomqtt.Will(self.topics.of("presence", self.peer_id), will_frame, qos=1, retain=True)
-        self._client = aiomqtt.Client(
+        client = aiomqtt.Client(
             self._host,
             self._port,
             identifier=f"wm-{self.community}-{self.peer_id}",
@@ -204,36 +275,113 @@ class PeerConnection:
             clean_session=True,
             socket_options=[_NODELAY],
             keepalive=30,
-            timeout=60,  # an operation waits this long for its ack: amqtt on a busy 2-core host took >10 s
+            timeout=min(timeout, _ACK_TIMEOUT_S),
         )
+        scheme = "mqtt" if self._tls is None else "mqtts"
         try:
-            await self._client.__aenter__()
+            await client.__aenter__()
         except aiomqtt.MqttError as exc:
-            scheme = "mqtt" if self._tls is None else "mqtts"
             raise BrokerConnectionError(f"cannot connect to {scheme}://{self._host}:{self._port}: {exc}") from None
+        client.timeout = _ACK_TIMEOUT_S
         # aiomqtt 2.5 can set "Unexpected disconnection" (code 128) on its private
         # disconnect future after a clean DISCONNECT, when nobody awaits it any more;
         # mark it retrieved so asyncio does not log "Future exception was never retrieved".
-        disconnected = getattr(self._client, "_disconnected", None)
+        disconnected = getattr(client, "_disconnected", None)
         if isinstance(disconnected, asyncio.Future):
             disconnected.add_done_callback(lambda f: f.cancelled() or f.exception())
-        await self._client.subscribe(self.topics.of("inbox", self.peer_id), qos=1)
-        self._reader = asyncio.create_task(self._read(), name=f"reader-{self.peer_id}")
-        return self
+        try:
+            # one SUBSCRIBE per topic (see subscribe())
+            for topic, qos in list(self._subscriptions.items()):
+                await client.subscribe(topic, qos=qos)
+            if self._announced:
+                birth = self._frame("presence", {"online": True}, seq=self._birth_seq)
+                await client.publish(self.topics.of("presence", self.peer_id), birth, qos=1, retain=True)
+                self.published += 1
+                self.bytes_published += len(birth)
+        except aiomqtt.MqttError as exc:
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+            raise BrokerConnectionError(
+                f"connected to {scheme}://{self._host}:{self._port} but could not restore subscriptions: {exc}"
+            ) from None
+        self._client = client
+        self._lost = asyncio.Event()
+        self._up.set()
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if self._client is not None and not self._read_only:
+    async def _reconnect(self, reason: str) -> None:
+        """Re-establish the lost connection with backoff, within ``reconnect_s``.
+
+        Raises:
+            BrokerConnectionError: still no connection at the deadline.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._reconnect_s
+        logger.warning(
+            "%s: connection to the broker lost (%s); reconnecting for up to %g s", self.peer_id, reason,
+            self._reconnect_s,
+        )  # fmt: skip
+        if self._client is not None:
             with contextlib.suppress(Exception):
-                # a clean goodbye: the broker discards the Will, so say offline ourselves
-                await self.publish("presence", "presence", {"online": False}, retain=True)
-            with contextlib.suppress(Exception):
-                await self._client.__aexit__(None, None, None)
+                await self._client.__aexit__(None, None, None)  # already disconnected: releases it
+        delay = _RECONNECT_FIRST_S
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await self._open(max(1.0, deadline - loop.time()))
+                break
+            except BrokerConnectionError as exc:
+                if loop.time() + delay >= deadline:
+                    raise BrokerConnectionError(
+                        f"connection to the broker lost ({reason}) and not back within {self._reconnect_s:g} s "
+                        f"({attempts} attempts; last: {exc})"
+                    ) from None
+            await asyncio.sleep(delay)  # backoff between attempts, bounded by the deadline above
+            delay = min(2 * delay, _RECONNECT_MAX_S)
+        self.reconnects += 1
+        logger.warning(
+            "%s: reconnected after %.2f s (%d attempt(s)); subscriptions and presence restored",
+            self.peer_id, loop.time() - started, attempts,
+        )  # fmt: skip
+
+    async def _live(self, deadline: float) -> tuple[aiomqtt.Client, asyncio.Event]:
+        """The established client and its "lost" event; waits while reconnecting.
+
+        Raises:
+            BrokerConnectionError: no connection by ``deadline`` (loop time), or the
+                connection is gone for good.
+        """
+        loop = asyncio.get_running_loop()
+        while not self._up.is_set():
+            reader = self._reader
+            if self._closing or not self._reconnect_s or reader is None or reader.done():
+                raise BrokerConnectionError("connection to the broker was lost")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BrokerConnectionError(f"no connection to the broker for {self._reconnect_s:g} s")
+            up = asyncio.ensure_future(self._up.wait())
+            try:
+                await asyncio.wait({up, reader}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                up.cancel()
+        assert self._client is not None
+        return self._client, self._lost
+
+    async def _after_failure(self, lost: asyncio.Event, deadline: float, what: str, error: object) -> None:
+        """An operation failed on a connection: wait until it is known lost, or raise.
+
+        Raises:
+            BrokerConnectionError: no reconnection configured, closing, or the connection
+                still looks established at ``deadline`` (the failure was not a lost link).
+        """
+        if not self._reconnect_s or self._closing:
+            raise BrokerConnectionError(f"{what} failed: {error}")
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(lost.wait(), max(0.0, remaining))
+        except TimeoutError:
+            raise BrokerConnectionError(f"{what} failed: {error}") from None
 
     # ------------------------------------------------------------------ sending
     def _frame(self, type: str, body: Mapping[str, Any], *, seq: int) -> bytes:
@@ -260,28 +408,49 @@ class PeerConnection:
         assert self._client is not None, "publish() outside the context manager"
         frame = self._frame(type, body, seq=self._sequence.next())
         topic = self.topics.of(channel, to if channel == "inbox" else self.peer_id)
-        try:
-            await self._client.publish(topic, frame, qos=_QOS[channel], retain=retain)
-        except aiomqtt.MqttError as exc:
-            raise BrokerConnectionError(f"publish on {topic} failed: {exc}") from None
-        self.published += 1
-        self.bytes_published += len(frame)
+        await self._publish_frame(topic, frame, _QOS[channel], retain)
 
     async def announce(self) -> None:
         """Publish the retained birth; call after every subscription is in place."""
         if self._read_only:
             raise RuntimeError("a read-only connection does not announce itself")
         assert self._client is not None
+        self._announced = True  # a reconnection re-publishes the birth
         frame = self._frame("presence", {"online": True}, seq=self._birth_seq)
-        await self._client.publish(self.topics.of("presence", self.peer_id), frame, qos=1, retain=True)
-        self.published += 1
-        self.bytes_published += len(frame)
+        await self._publish_frame(self.topics.of("presence", self.peer_id), frame, 1, True)
+
+    async def _publish_frame(self, topic: str, frame: bytes, qos: int, retain: bool) -> None:
+        """Publish signed bytes; across a reconnection, at least once (see the module doc).
+
+        Raises:
+            BrokerConnectionError: the broker refused, or no connection within ``reconnect_s``.
+        """
+        assert self._client is not None, "publish() outside the context manager"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._reconnect_s
+        while True:
+            client, lost = await self._live(deadline) if self._reconnect_s else (self._client, self._lost)
+            try:
+                if self._reconnect_s:
+                    # a QoS 1 publish on a dead link waits for an ack that never comes:
+                    # stop waiting as soon as the reader sees the link gone
+                    await _unless_set(client.publish(topic, frame, qos=qos, retain=retain), lost)
+                else:
+                    await client.publish(topic, frame, qos=qos, retain=retain)
+            except aiomqtt.MqttError as exc:
+                await self._after_failure(lost, deadline, f"publish on {topic}", exc)
+                continue
+            except _Lost:
+                continue  # lost in flight: publish it again on the new connection
+            self.published += 1
+            self.bytes_published += len(frame)
+            return
 
     # ------------------------------------------------------------------ receiving
     async def subscribe_all(self, channel: str) -> None:
         """Subscribe to ``channel`` of every peer of the community (``+`` wildcard)."""
         assert self._client is not None
-        await self._client.subscribe(f"{self.topics.root}/{channel}/+", qos=_QOS[channel])
+        await self._subscribe(f"{self.topics.root}/{channel}/+", _QOS[channel])
 
     async def subscribe(self, channel: str, peers: Iterable[str | None]) -> None:
         """Subscribe to ``channel`` of each peer (``None`` for broadcast)."""
@@ -290,11 +459,20 @@ class PeerConnection:
         # for some topics of a multi-topic SUBSCRIBE; measured 4 of 20 peers never seen
         # online, none with one topic per packet. Mosquitto is indifferent.
         for peer in peers:
-            topic = self.topics.of(channel, peer)
+            await self._subscribe(self.topics.of(channel, peer), _QOS[channel])
+
+    async def _subscribe(self, topic: str, qos: int) -> None:
+        """Subscribe to one topic and remember it for reconnections."""
+        self._subscriptions[topic] = qos
+        deadline = asyncio.get_running_loop().time() + self._reconnect_s
+        while True:
+            client, lost = await self._live(deadline) if self._reconnect_s else (self._client, self._lost)
+            assert client is not None
             try:
-                await self._client.subscribe(topic, qos=_QOS[channel])
+                await client.subscribe(topic, qos=qos)
+                return
             except aiomqtt.MqttError as exc:
-                raise BrokerConnectionError(f"subscribe to {topic} failed: {exc}") from None
+                await self._after_failure(lost, deadline, f"subscribe to {topic}", exc)
 
     async def receive(self, timeout: float | None = None) -> Incoming:
         """Next verified non-presence message.
@@ -348,34 +526,76 @@ class PeerConnection:
                 await asyncio.wait_for(self._presence.changed.wait(), remaining)
 
     async def _read(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                self._drop("malformed", None, "non-binary payload")
-                continue
-            self.received += 1
+        """Verify and queue every incoming frame; on a lost connection, reconnect (if
+        configured) or end, which makes :meth:`receive` raise."""
+        while True:
+            client, lost = self._client, self._lost
+            assert client is not None
+            reason = "the message stream ended"
             try:
-                channel, topic_peer = self.topics.parse(message.topic.value)
-            except ValueError:
-                self._drop("unexpected_topic", None, message.topic.value)
-                continue
-            try:
-                envelope = self._verifier(channel, topic_peer).verify(bytes(payload))
-            except ProtocolError as exc:
-                self._drop(exc.reason, exc.peer_id, str(exc))
-                continue
-            if topic_peer is not None and channel != "inbox" and envelope.sender != topic_peer:
-                self._drop("topic_mismatch", envelope.sender, f"published on {message.topic.value}")
-                continue
-            if channel == "presence":
-                self._presence.online[envelope.sender] = bool(envelope.body.get("online"))
-                self._presence.changed.set()
-                continue
-            try:
-                self._inbox.put_nowait(Incoming(channel, envelope))
-            except asyncio.QueueFull:
-                self.drops["overflow"] += 1
+                async for message in client.messages:
+                    self._handle(message)
+            except aiomqtt.MqttError as exc:
+                reason = str(exc)
+            lost.set()
+            self._up.clear()
+            if not self._reconnect_s or self._closing:
+                raise BrokerConnectionError(f"connection to the broker was lost: {reason}")
+            await self._reconnect(reason)
+
+    def _handle(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            self._drop("malformed", None, "non-binary payload")
+            return
+        self.received += 1
+        try:
+            channel, topic_peer = self.topics.parse(message.topic.value)
+        except ValueError:
+            self._drop("unexpected_topic", None, message.topic.value)
+            return
+        try:
+            envelope = self._verifier(channel, topic_peer).verify(bytes(payload))
+        except ProtocolError as exc:
+            self._drop(exc.reason, exc.peer_id, str(exc))
+            return
+        if topic_peer is not None and channel != "inbox" and envelope.sender != topic_peer:
+            self._drop("topic_mismatch", envelope.sender, f"published on {message.topic.value}")
+            return
+        if channel == "presence":
+            self._presence.online[envelope.sender] = bool(envelope.body.get("online"))
+            self._presence.changed.set()
+            return
+        incoming = Incoming(channel, envelope)
+        if self._faults is not None and channel in FAULT_CHANNELS:
+            self._disturb(incoming, self._faults)
+        else:
+            self._queue(incoming)
+
+    def _disturb(self, incoming: Incoming, faults: FaultPlan) -> None:
+        """Injected faults: drop the message, or hold it for a random delay."""
+        draw = self._fault_random
+        assert draw is not None
+        if draw.random() < faults.drop_rate:
+            self.drops["injected"] += 1
+            return
+        if faults.delay_s <= 0:
+            self._queue(incoming)
+            return
+        delay = draw.uniform(0.0, faults.delay_s)
+
+        def release() -> None:
+            self._held.discard(handle)
+            self._queue(incoming)
+
+        handle = asyncio.get_running_loop().call_later(delay, release)
+        self._held.add(handle)
+
+    def _queue(self, incoming: Incoming) -> None:
+        try:
+            self._inbox.put_nowait(incoming)
+        except asyncio.QueueFull:
+            self.drops["overflow"] += 1
 
     def _verifier(self, channel: str, topic_peer: str | None) -> Verifier:
         """The verifier of one topic (one per channel and roster peer, created on demand).
@@ -401,3 +621,25 @@ class PeerConnection:
             self._logged.add((reason, sender))
             logger.warning("%s: dropped a frame (%s): %s", self.peer_id, reason, detail)
 
+
+
+class _Lost(Exception):
+    """The connection went away while an operation waited for its ack."""
+
+
+async def _unless_set(operation: Any, lost: asyncio.Event) -> None:
+    """Await ``operation`` unless ``lost`` is set first (then cancel it, raise ``_Lost``)."""
+    task = asyncio.ensure_future(operation)
+    watcher = asyncio.ensure_future(lost.wait())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task in done:
+        task.result()  # its MqttError, if any
+        return
+    raise _Lost

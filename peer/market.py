@@ -3,13 +3,22 @@
 The shell owns time (``loop.time()`` is passed to the core as ``now``), the MQTT
 connection and the report; the core owns every decision. Every wait has a deadline:
 neighbours not heard from by ``start_timeout_s``, a silent neighbour (the core's
-``neighbour_timeout_s``), neighbours' reports after we finish (the same bound).
+``neighbour_timeout_s``), neighbours' reports after we finish (the same bound), a lost
+broker connection (:data:`RECONNECT_S`).
+
+A core that can snapshot itself (ADMM) is journaled write-ahead: after each round it
+advances to and before that round's message leaves, its snapshot replaces
+``<state_dir>/<peer>.<session>.core.json``. A peer restarted mid-market (no outcome in
+its ledger yet) restores the core from it and re-sends its last two rounds instead of
+running the start barrier again (docs/faults.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +46,9 @@ READY_INTERVAL_S = 1.0
 READY_MAX_INTERVAL_S = 8.0
 FAILED_TYPE = "session.failed"
 CONTRACT_PREFIX = "contract."
+RECONNECT_S = 60.0
+"""How long a peer keeps reconnecting to a lost broker [s]. Its market fails anyway once
+neighbours are silent for ``neighbour_timeout_s``; this bounds the other waits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +99,7 @@ async def run_peer(job: PeerJob) -> dict[str, Any]:
     sequence = SequenceStore(None if state is None else state / f"{job.spec.id}.seq")
     connection = PeerConnection(
         job.spec.id, key, roster, community=job.public.name, session=job.session, url=job.url, sequence=sequence,
+        faults=job.faults, reconnect_s=RECONNECT_S,
     )  # fmt: skip
     with Ledger(Path(":memory:") if state is None else state / f"{job.spec.id}.ledger.sqlite") as ledger:
         async with connection as conn:
@@ -105,24 +118,38 @@ async def run_session(
     """
     loop = asyncio.get_running_loop()
     core = create_core(job.spec, job.public, job.horizon)
+    journal = _Journal(job.state_dir, job.spec.id, job.session, job.faults)
+    report = ledger.session_report(job.session)
+    snapshot = journal.load() if report is None else None
+    if snapshot is not None:
+        core = journal.restore(core, job, snapshot, loop.time())
     for channel in ("market", "report"):
         await conn.subscribe(channel, core.neighbours)
     await conn.announce()
-    session = _Session(conn, core, ledger, job.faults)
-    report = ledger.session_report(job.session)
+    session = _Session(conn, core, ledger, job.faults, journal)
     resumed = report is not None
     if report is None:
-        try:
-            early = (early or []) + await _start_barrier(conn, core.neighbours, job.start_timeout_s)
-        except TimeoutError as exc:
-            return await _fail(conn, f"start: {exc}")
-        await _send(conn, core.start(loop.time(), start_grace_s=job.start_timeout_s))
-        await session.run_market(early)
+        if journal.restored:
+            # neighbours are mid-market: no barrier; re-send what they may be waiting for
+            resume = getattr(core, "resume", None)
+            assert resume is not None  # a core that restores itself also resumes
+            await _send(conn, resume(loop.time()))
+        else:
+            try:
+                early = (early or []) + await _start_barrier(conn, core.neighbours, job.start_timeout_s)
+            except TimeoutError as exc:
+                return await _fail(conn, f"start: {exc}")
+            first = core.start(loop.time(), start_grace_s=job.start_timeout_s)
+            journal.record(core)
+            await _send(conn, first)
+        await session.run_market(early or [])
         if core.failure is not None:
+            journal.discard()  # neighbours gave up or we did: nothing left to resume
             return await _fail(conn, core.failure)
         assert core.outcome is not None
         report = core.outcome.to_body()
         ledger.save_session(job.session, job.public.name, job.public.mechanism, report)
+        journal.discard()  # the ledger's outcome supersedes it
         job.faults.reached("market.cleared")
     else:
         logger.info("%s: market of %s already cleared here; resuming settlement", job.spec.id, job.session)
@@ -151,15 +178,19 @@ class _Session:
     settlement (kept until it starts), neighbours' reports to the finished set.
     """
 
-    def __init__(self, conn: PeerConnection, core: MarketCore, ledger: Ledger, faults: FaultPlan) -> None:
+    def __init__(
+        self, conn: PeerConnection, core: MarketCore, ledger: Ledger, faults: FaultPlan, journal: _Journal | None = None
+    ) -> None:
         self.conn = conn
         self.faults = faults
+        self.journal = journal
         self.core = core
         self.ledger = ledger
         self.finished: set[str] = set()
         self.settlement: Settlement | None = None
         self._contract_mail: list[Incoming] = []
         self._market_ran = False
+        self._ready_answered = -READY_INTERVAL_S
         self._loop = asyncio.get_running_loop()
 
     async def run_market(self, early: list[Incoming]) -> None:
@@ -168,6 +199,11 @@ class _Session:
         while not core.done:
             deadline = core.next_deadline()
             assert deadline is not None
+            if self._loop.time() >= deadline:
+                # due even while messages keep arriving: receive() only times out on an
+                # empty inbox, and a backlog of re-sends (lossy links) never empties it
+                await _send(self.conn, core.on_timer(self._loop.time()))
+                continue
             if early:
                 incoming = early.pop(0)
             else:
@@ -213,7 +249,20 @@ class _Session:
     async def _dispatch(self, incoming: Incoming) -> None:
         envelope = incoming.envelope
         if envelope.type == READY_TYPE:
-            return  # a neighbour still at the start barrier; it hears our rounds
+            # a neighbour still at the start barrier: it hears our rounds, unless one was
+            # lost (an injected drop, or it restarted before it had a snapshot), and our
+            # own re-sends may be far off (backoff); a resumable core re-sends now
+            resume = getattr(self.core, "resume", None)
+            if self._market_ran and incoming.channel == "market" and resume is not None:
+                await _send(self.conn, resume(self._loop.time()))
+            # It may not have heard us at all: our ready can leave before it subscribed,
+            # and a peer that only ever answers (a stackelberg follower) sends nothing
+            # else on its market topic. Answer with our own ready, at most once a second.
+            now = self._loop.time()
+            if now - self._ready_answered >= READY_INTERVAL_S:
+                self._ready_answered = now
+                await self.conn.publish("market", READY_TYPE, {})
+            return
         if incoming.channel == "report":
             self.finished.add(envelope.sender)
         elif envelope.type.startswith(CONTRACT_PREFIX):
@@ -229,7 +278,7 @@ class _Session:
             await self._apply(step)
         elif incoming.channel in ("market", "inbox") and self._market_ran:
             # (a peer resumed after a restart never ran its core: nothing to answer with)
-            await _feed(self.conn, self.core, incoming, self._loop.time())
+            await _feed(self.conn, self.core, incoming, self._loop.time(), self.journal)
 
     async def _apply(self, step: SettlementStep) -> None:
         """Write-ahead: records are durable before any message about them leaves."""
@@ -283,15 +332,90 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
     return early
 
 
-async def _feed(conn: PeerConnection, core: MarketCore, incoming: Incoming, now: float) -> None:
+async def _feed(
+    conn: PeerConnection, core: MarketCore, incoming: Incoming, now: float, journal: _Journal | None = None
+) -> None:
     """Hand a verified market message to the core and publish its answer; a message the
-    core refuses is counted as a drop, never fatal."""
+    core refuses is counted as a drop, never fatal. A new round is journaled first."""
     try:
         outgoing = core.receive(incoming.envelope, now)
     except ProtocolError as exc:
         conn.drops[exc.reason] += 1
         return
+    if journal is not None:
+        journal.record(core)
     await _send(conn, outgoing)
+
+
+class _Journal:
+    """Write-ahead snapshots of a resumable core (one with ``snapshot()``, ``restore()``
+    and ``resume()``, e.g. :class:`~wattmesh.protocols.admm.AdmmPeer`): one file per peer
+    and session, ``<state_dir>/<peer>.<session>.core.json``, replaced at every new round.
+    Without a state directory, or for other cores, it only marks the ``market.round``
+    crash point.
+    """
+
+    def __init__(self, state_dir: Path | None, peer_id: str, session: str, faults: FaultPlan) -> None:
+        self.path = None if state_dir is None else state_dir / f"{peer_id}.{session}.core.json"
+        self.faults = faults
+        self.restored = False
+        self._round: int | None = None
+
+    def load(self) -> dict[str, Any] | None:
+        """The snapshot left by an earlier run of this session, if any."""
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            snapshot = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:  # atomic replace makes this a foreign file
+            logger.warning("%s: ignoring unreadable core snapshot: %s", self.path, exc)
+            return None
+        if not isinstance(snapshot, dict):
+            return None
+        return snapshot
+
+    def restore(self, core: MarketCore, job: PeerJob, snapshot: dict[str, Any], now: float) -> MarketCore:
+        """``core`` restored from ``snapshot``, or ``core`` itself when it cannot be."""
+        restore = getattr(type(core), "restore", None)
+        if restore is None:
+            return core
+        try:
+            restored: MarketCore = restore(job.spec, job.public, job.horizon, snapshot, now)
+        except ValueError as exc:
+            logger.warning("%s: not resuming from %s: %s", job.spec.id, self.path, exc)
+            return core
+        self.restored = True
+        self._round = getattr(restored, "round", None)
+        logger.warning(
+            "%s: resuming the market of %s at round %s from its snapshot", job.spec.id, job.session, self._round
+        )
+        return restored
+
+    def record(self, core: MarketCore) -> None:
+        """Call after the core ran and before its messages are sent: a core that advanced
+        to a new round is snapshotted (write-ahead), then the crash point is passed."""
+        round_ = getattr(core, "round", None)
+        if round_ is None or round_ == self._round or core.done:
+            return
+        self._round = round_
+        snapshot = getattr(core, "snapshot", None)
+        if self.path is not None and snapshot is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(snapshot()))
+            # Atomic: a reader sees the old snapshot or the new one, never half of one.
+            # No fsync: the crash this guards against is the process dying (kill -9, OOM);
+            # the page cache survives that, so the restarted peer reads the complete file.
+            # A power cut may lose the latest snapshots: the peer resumes from an older
+            # round, catches up if its neighbours are at most one round ahead, and otherwise
+            # the session fails on the neighbours' timeouts; never with other trades.
+            os.replace(tmp, self.path)
+        self.faults.reached("market.round", round=round_)
+
+    def discard(self) -> None:
+        """The market ended: its snapshot is of no further use."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 async def _send(conn: PeerConnection, items: list[Outgoing]) -> None:

@@ -46,7 +46,19 @@ next one: a round that is merely slow (N·degree signature checks on a busy host
 not be buried under re-sends, each of which costs every neighbour a verification and
 nudges it to re-send in turn. After ``neighbour_timeout_s`` without progress the
 session fails, naming the silent peers (round 1 waits longer,
-``start(start_grace_s=…)``: neighbours may still be starting).
+``start(start_grace_s=…)``: neighbours may still be starting; the grace postpones the
+failure only, not the re-sends, or one lost round-1 message would stall the market
+for the whole grace).
+
+Restart: :meth:`AdmmPeer.snapshot` is the whole state a round depends on (prices, ρ,
+centers, trades, votes, round bodies received early, its own recent round messages).
+A shell that writes it after each advance and *before* publishing the new round
+message (write-ahead) can restore the core after a crash with
+:meth:`AdmmPeer.restore` and :meth:`AdmmPeer.resume` re-publishing its last two
+rounds. The local step is deterministic, so the restored core goes on exactly as the
+lost one would have: same messages, same result, bit for bit. Whatever it had received
+after the snapshot is lost with the process and comes back through the neighbours'
+re-sends.
 """
 
 from __future__ import annotations
@@ -66,6 +78,7 @@ from wattmesh.protocols.wire import Envelope
 
 __all__ = [
     "ROUND_TYPE",
+    "SNAPSHOT_FORMAT",
     "STATUS_TYPE",
     "AdmmPeer",
     "AdmmSettings",
@@ -79,6 +92,8 @@ __all__ = [
 ]
 
 ROUND_TYPE = "admm.round"
+SNAPSHOT_FORMAT = "wattmesh.admm.snapshot/1"
+"""The ``format`` of :meth:`AdmmPeer.snapshot`; :meth:`AdmmPeer.restore` refuses others."""
 STATUS_TYPE = "admm.status"
 """Per-round telemetry: residuals, price range, net position; no cost parameters."""
 _Array = NDArray[np.float64]
@@ -304,6 +319,7 @@ class AdmmPeer:
         self._pending = _Pending()
         self._sent: dict[int, Outgoing] = {}
         self._last_progress = 0.0
+        self._patient_until = 0.0  # round 1: no failure before (start grace)
         self._last_resend = -math.inf
         self._resends = 0  # since the last progress; each doubles the next interval
         self.outcome: PeerOutcome | None = None
@@ -331,7 +347,8 @@ class AdmmPeer:
         """
         if self.round != 0:
             raise RuntimeError("start() called twice")
-        self._last_progress = now + start_grace_s
+        self._last_progress = now
+        self._patient_until = now + start_grace_s
         if not self.neighbours:  # nobody to trade with: the grid alone settles it
             self._solve()
             return self._finish(converged=True)
@@ -382,16 +399,13 @@ class AdmmPeer:
         """When :meth:`on_timer` wants to be called next [s], or None when finished."""
         if self.done:
             return None
-        return min(
-            self._last_progress + self.settings.neighbour_timeout_s,
-            max(self._last_progress, self._last_resend) + self._resend_interval(),
-        )
+        return min(self._give_up_at(), max(self._last_progress, self._last_resend) + self._resend_interval())
 
     def on_timer(self, now: float) -> list[Outgoing]:
         """Re-publish on a late round; fail the session on a silent neighbour."""
         if self.done:
             return []
-        if now >= self._last_progress + self.settings.neighbour_timeout_s:
+        if now >= self._give_up_at():
             silent = sorted(set(self.neighbours) - set(self._received(self.round)))
             self.failure = (
                 f"no round-{self.round} message from {', '.join(silent)} "
@@ -402,7 +416,142 @@ class AdmmPeer:
             return self._resend(now)
         return []
 
+    # ------------------------------------------------------------------ restart
+    def snapshot(self) -> dict[str, Any]:
+        """The state a restarted peer needs to carry on from this round, JSON-serialisable.
+
+        Take it after the core advanced and before its new round message leaves
+        (write-ahead): the restored core then re-publishes exactly that message. Floats
+        are kept as Python floats, which ``json`` writes with enough digits to read back
+        bit for bit. Clock values are not kept: :meth:`restore` restarts the timers.
+
+        Raises:
+            RuntimeError: before :meth:`start` or after the core finished (a finished
+                market is resumed from the ledger's outcome, not from here).
+        """
+        if self.round == 0 or self._solution is None:
+            raise RuntimeError("nothing to snapshot before start()")
+        if self.done:
+            raise RuntimeError("a finished core has nothing to resume")
+        solution = self._solution
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "peer": self.peer_id,
+            "neighbours": list(self.neighbours),
+            "horizon": self.horizon,
+            "round": self.round,
+            "price": [float(x) for x in self.price],
+            "rho": [float(x) for x in self.rho],
+            "center": [float(x) for x in self.center],
+            "trades": [float(x) for x in self.trades],
+            "solution": {
+                "trades": [float(x) for x in solution.trades],
+                "grid_import": solution.grid_import,
+                "net_demand": solution.net_demand,
+                "balance_price": solution.balance_price,
+            },
+            "votes": [[r, vote] for r, vote in sorted(self._votes.items())],
+            # only what _complete_round reads from a body (all checked by receive())
+            "pending": [
+                [k, sender, float(body["t"][self.peer_id]), body["v0"], list(body["votes"])]
+                for k, bodies in sorted(self._pending.by_round.items())
+                for sender, body in bodies.items()
+            ],
+            "sent": [dict(message.body) for _, message in sorted(self._sent.items())],
+            "primal_residual": None if math.isinf(self.primal_residual) else self.primal_residual,
+            "dual_residual": None if math.isinf(self.dual_residual) else self.dual_residual,
+        }
+
+    @classmethod
+    def restore(
+        cls, spec: PeerSpec, public: PublicScenario, horizon: int, snapshot: Mapping[str, Any], now: float
+    ) -> AdmmPeer:
+        """A core carrying on from ``snapshot`` (:meth:`snapshot`), as if it never stopped.
+
+        Call :meth:`resume` next and publish what it returns. Its timers start at
+        ``now``: the first re-send after ``round_timeout_s``, failure after
+        ``neighbour_timeout_s`` without progress.
+
+        Args:
+            spec, public, horizon: as for the constructor; they must be the ones the
+                snapshot was taken with.
+            snapshot: what :meth:`snapshot` returned (through JSON or not).
+            now: current time [s].
+
+        Raises:
+            ValueError: a snapshot of another format, peer, neighbourhood or horizon, or
+                a malformed one.
+        """
+        peer = cls(spec, public, horizon)
+        if snapshot.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"not an ADMM snapshot (format {snapshot.get('format')!r}, expected {SNAPSHOT_FORMAT!r})")
+        if snapshot.get("peer") != spec.id or tuple(snapshot.get("neighbours", ())) != peer.neighbours:
+            raise ValueError(f"snapshot of peer {snapshot.get('peer')!r} with other neighbours, not of {spec.id!r}")
+        if snapshot.get("horizon") != horizon:
+            raise ValueError(f"snapshot taken with horizon {snapshot.get('horizon')!r}, not {horizon}")
+        n = len(peer.neighbours)
+        try:
+            k = snapshot["round"]
+            if not _is_int(k) or k < 1:
+                raise ValueError("round")
+
+            def vector(values: Any) -> _Array:
+                array = np.array(values, dtype=np.float64)
+                if array.shape != (n,):
+                    raise ValueError("vector length")
+                return array
+
+            peer.round = k
+            peer.price = vector(snapshot["price"])
+            peer.rho = vector(snapshot["rho"])
+            peer.center = vector(snapshot["center"])
+            peer.trades = vector(snapshot["trades"])
+            solution = snapshot["solution"]
+            peer._solution = LocalSolution(
+                vector(solution["trades"]), float(solution["grid_import"]), float(solution["net_demand"]),
+                float(solution["balance_price"]),
+            )  # fmt: skip
+            peer._votes = {int(r): bool(vote) for r, vote in snapshot["votes"]}
+            for round_k, sender, trade, v0, votes in snapshot["pending"]:
+                if sender not in peer._slot:
+                    raise ValueError(f"pending round from non-neighbour {sender!r}")
+                votes = [bool(v) for v in votes]
+                body = {"k": int(round_k), "t": {spec.id: float(trade)}, "v0": int(v0), "votes": votes}
+                peer._pending.by_round.setdefault(int(round_k), {})[sender] = body
+            for body in snapshot["sent"]:
+                peer._sent[int(body["k"])] = Outgoing("market", ROUND_TYPE, body)
+            if k not in peer._sent:
+                raise ValueError(f"its own round-{k} message is missing")
+            primal, dual = snapshot["primal_residual"], snapshot["dual_residual"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed ADMM snapshot: {exc}") from None
+        peer.primal_residual = math.inf if primal is None else float(primal)
+        peer.dual_residual = math.inf if dual is None else float(dual)
+        peer._last_progress = peer._patient_until = now
+        return peer
+
+    def resume(self, now: float) -> list[Outgoing]:
+        """Re-publish the last two round messages at once, and restart the re-send backoff.
+
+        For a core just restored after a restart (its last message may never have left,
+        and neighbours waiting for it may have backed off far), or when the shell knows
+        neighbours missed messages (a neighbour still at the start barrier).
+
+        Args:
+            now: current time [s].
+        """
+        if self.done:
+            return []
+        self._last_resend = now
+        self._resends = 0
+        return [self._sent[k] for k in (self.round - 1, self.round) if k in self._sent]
+
     # ------------------------------------------------------------------ internals
+    def _give_up_at(self) -> float:
+        """When the session fails without progress [s]; round 1 also waits out the start grace."""
+        since = max(self._last_progress, self._patient_until) if self.round == 1 else self._last_progress
+        return since + self.settings.neighbour_timeout_s
+
     def _received(self, k: int) -> dict[str, Mapping[str, Any]]:
         return self._pending.by_round.get(k, {})
 
