@@ -118,10 +118,11 @@ class Topics:
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """A verified message and the channel it arrived on."""
+    """A verified message, the channel it arrived on, and its signed frame (evidence)."""
 
     channel: str
     envelope: Envelope
+    frame: bytes = b""
 
 
 @dataclass(slots=True)
@@ -213,6 +214,7 @@ class PeerConnection:
         self._lost = asyncio.Event()  # set when the current connection is gone (one per connection)
         self._closing = False
         self._faults = faults if faults is not None and faults.disturbs_messages else None
+        self._lie_round = None if faults is None else faults.equivocate_round
         self._fault_random = None if self._faults is None else self._faults.random(peer_id)
         self._held: set[asyncio.TimerHandle] = set()  # delayed deliveries
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
@@ -409,6 +411,11 @@ class PeerConnection:
         frame = self._frame(type, body, seq=self._sequence.next())
         topic = self.topics.of(channel, to if channel == "inbox" else self.peer_id)
         await self._publish_frame(topic, frame, _QOS[channel], retain)
+        lie_at = self._lie_round
+        if lie_at is not None and channel == "market" and body.get("k") == lie_at and isinstance(body.get("t"), dict):
+            # the drill: the same round signed again, offering every neighbour more
+            lie = {**body, "t": {j: 2.0 * float(t) + 0.5 for j, t in body["t"].items()}}
+            await self._publish_frame(topic, self._frame(type, lie, seq=self._sequence.next()), _QOS[channel], retain)
 
     async def announce(self) -> None:
         """Publish the retained birth; call after every subscription is in place."""
@@ -566,7 +573,7 @@ class PeerConnection:
             self._presence.online[envelope.sender] = bool(envelope.body.get("online"))
             self._presence.changed.set()
             return
-        incoming = Incoming(channel, envelope)
+        incoming = Incoming(channel, envelope, bytes(payload))
         if self._faults is not None and channel in FAULT_CHANNELS:
             self._disturb(incoming, self._faults)
         else:

@@ -44,6 +44,8 @@ class FaultPlan:
     Attributes:
         crash_at: SIGKILL this process at that point (see :data:`CRASH_POINTS`).
         crash_round: for ``crash_at = "market.round"``: the round [1, …] to die at.
+        equivocate_round: a drill for lying peers: after this peer's real market message
+            of that round it signs and publishes a second one offering other trades.
         drop_rate: probability in [0, 1) that a verified incoming market or inbox
             message is dropped.
         delay_s: each incoming market or inbox message is held for a uniform random
@@ -56,6 +58,7 @@ class FaultPlan:
     drop_rate: float = 0.0
     delay_s: float = 0.0
     seed: int = 0
+    equivocate_round: int | None = None  # a lying peer: publishes a second, different round message
 
     def __post_init__(self) -> None:
         if self.crash_at is not None and self.crash_at not in CRASH_POINTS:

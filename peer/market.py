@@ -33,6 +33,7 @@ from wattmesh.peer.keys import load_private_key
 from wattmesh.peer.ledger import Ledger
 from wattmesh.peer.sequence import SequenceStore
 from wattmesh.protocols.errors import ProtocolError
+from wattmesh.protocols.evidence import EVIDENCE_TYPE, Equivocation, EquivocationDetector
 from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.mechanism import MarketCore, Outgoing, create_core
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
@@ -190,6 +191,8 @@ class _Session:
         self.settlement: Settlement | None = None
         self._contract_mail: list[Incoming] = []
         self._market_ran = False
+        self.detector = EquivocationDetector()
+        self.liars: set[str] = set()
         self._ready_answered = -READY_INTERVAL_S
         self._loop = asyncio.get_running_loop()
 
@@ -263,6 +266,15 @@ class _Session:
                 self._ready_answered = now
                 await self.conn.publish("market", READY_TYPE, {})
             return
+        if envelope.sender in self.liars:
+            self.conn.drops["excluded"] += 1
+            return
+        if incoming.channel == "market" and incoming.frame:
+            proof = self.detector.observe(envelope, incoming.frame)
+            if proof is not None:
+                await self._expose(proof)
+                if envelope.sender in self.liars:
+                    return
         if incoming.channel == "report":
             self.finished.add(envelope.sender)
         elif envelope.type.startswith(CONTRACT_PREFIX):
@@ -279,6 +291,18 @@ class _Session:
         elif incoming.channel in ("market", "inbox") and self._market_ran:
             # (a peer resumed after a restart never ran its core: nothing to answer with)
             await _feed(self.conn, self.core, incoming, self._loop.time(), self.journal)
+
+    async def _expose(self, proof: Equivocation) -> None:
+        """A neighbour signed two different messages for one round: publish the proof
+        (any roster holder can check it) and, if the core can, stop trading with it."""
+        logger.warning(
+            "%s: %s equivocated (two signed round messages differ); excluding it", self.conn.peer_id, proof.accused
+        )
+        await self.conn.publish("telemetry", EVIDENCE_TYPE, proof.to_body())
+        exclude = getattr(self.core, "exclude", None)
+        if exclude is not None and self._market_ran and not self.core.done:
+            self.liars.add(proof.accused)
+            await _send(self.conn, exclude(proof.accused, self._loop.time()))
 
     async def _apply(self, step: SettlementStep) -> None:
         """Write-ahead: records are durable before any message about them leaves."""

@@ -324,6 +324,7 @@ class AdmmPeer:
         self._resends = 0  # since the last progress; each doubles the next interval
         self.outcome: PeerOutcome | None = None
         self.failure: str | None = None
+        self.excluded: set[str] = set()  # neighbours proven to equivocate
         self.primal_residual = math.inf
         self.dual_residual = math.inf
 
@@ -378,6 +379,8 @@ class AdmmPeer:
             or not _is_int(v0)
         ):  # fmt: skip
             raise ProtocolError("malformed admm.round body", peer_id=sender)
+        if sender in self.excluded:
+            return []  # proven to lie: nothing it says counts any more
         if self.done or k < self.round:
             # an older round again: the neighbour is behind us, waiting for our message
             return self._resend(now)
@@ -388,8 +391,29 @@ class AdmmPeer:
         if k > self.round + 1:
             raise StaleRoundError(f"round {k} while at {self.round}", peer_id=sender, round=k)
         self._pending.by_round.setdefault(k, {})[sender] = body
+        return self._progress(now)
+
+    def exclude(self, peer_id: str, now: float) -> list[Outgoing]:
+        """Stop trading with a neighbour proven to lie (protocols/evidence.py).
+
+        Its trade is fixed at 0 kWh from the current round on (bounds 0, its messages
+        ignored, its votes no longer counted) and it is left out of the outcome: no
+        contract with it. Every neighbour of a liar sees the same two signed messages on
+        its topic, so they all exclude it in the same round.
+        """
+        if peer_id not in self._slot or peer_id in self.excluded:
+            return []
+        self.excluded.add(peer_id)
+        i = self._slot[peer_id]
+        self._lower[i] = self._upper[i] = 0.0
+        for bodies in self._pending.by_round.values():
+            bodies.pop(peer_id, None)
+        return self._progress(now)
+
+    def _progress(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
-        while not self.done and len(self._received(self.round)) == len(self.neighbours):
+        active = len(self.neighbours) - len(self.excluded)
+        while not self.done and self.round >= 1 and len(self._received(self.round)) >= active:
             self._last_progress = now
             self._resends = 0
             out += self._complete_round()
@@ -406,7 +430,7 @@ class AdmmPeer:
         if self.done:
             return []
         if now >= self._give_up_at():
-            silent = sorted(set(self.neighbours) - set(self._received(self.round)))
+            silent = sorted(set(self.neighbours) - self.excluded - set(self._received(self.round)))
             self.failure = (
                 f"no round-{self.round} message from {', '.join(silent)} "
                 f"within {self.settings.neighbour_timeout_s:g} s"
@@ -596,9 +620,11 @@ class AdmmPeer:
     def _complete_round(self) -> list[Outgoing]:
         """All neighbours' round-k trades are here: prices, residuals, votes, ρ, next step."""
         k = self.round
-        bodies = self._pending.by_round.pop(k)
-        theirs = np.array([float(bodies[j]["t"][self.peer_id]) for j in self.neighbours])
-        mine = self.trades
+        bodies = self._pending.by_round.pop(k, {})
+        theirs = np.array([float(bodies[j]["t"][self.peer_id]) if j in bodies else 0.0 for j in self.neighbours])
+        mine = self.trades.copy()
+        for j in self.excluded:
+            mine[self._slot[j]] = 0.0
         imbalance = mine + theirs
         center = (mine - theirs) / 2.0
         change = np.abs(center - self.center)
@@ -678,7 +704,10 @@ class AdmmPeer:
         self.outcome = PeerOutcome(
             self.peer_id, converged, self.round, net, community_import, grid_import,
             payment, cost, standalone_cost(self.spec, self._grid),
-            {j: (float(self.center[i]), float(self.price[i])) for i, j in enumerate(self.neighbours)},
+            {
+                j: (float(self.center[i]), float(self.price[i]))
+                for i, j in enumerate(self.neighbours) if j not in self.excluded
+            },
         )  # fmt: skip
         return [Outgoing("report", "admm.report", self.outcome.to_body())]
 
