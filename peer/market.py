@@ -252,19 +252,22 @@ class _Session:
     async def _dispatch(self, incoming: Incoming) -> None:
         envelope = incoming.envelope
         if envelope.type == READY_TYPE:
-            # a neighbour still at the start barrier: it hears our rounds, unless one was
-            # lost (an injected drop, or it restarted before it had a snapshot), and our
-            # own re-sends may be far off (backoff); a resumable core re-sends now
+            if envelope.body.get("answer") is True:
+                return  # an answer to someone's barrier ready; answering it would ping-pong
+            # A neighbour still at the start barrier. It hears our rounds, unless one was
+            # lost (an injected drop, or it restarted before it had a snapshot): a
+            # resumable core re-sends now, at most once per READY_INTERVAL_S. It may not
+            # have heard us at all: our ready can leave before it subscribed, and a peer
+            # that only ever answers (a stackelberg follower) sends nothing else on its
+            # market topic: answer with a ready of our own, marked as an answer.
+            now = self._loop.time()
+            if now - self._ready_answered < READY_INTERVAL_S:
+                return
+            self._ready_answered = now
             resume = getattr(self.core, "resume", None)
             if self._market_ran and incoming.channel == "market" and resume is not None:
-                await _send(self.conn, resume(self._loop.time()))
-            # It may not have heard us at all: our ready can leave before it subscribed,
-            # and a peer that only ever answers (a stackelberg follower) sends nothing
-            # else on its market topic. Answer with our own ready, at most once a second.
-            now = self._loop.time()
-            if now - self._ready_answered >= READY_INTERVAL_S:
-                self._ready_answered = now
-                await self.conn.publish("market", READY_TYPE, {})
+                await _send(self.conn, resume(now))
+            await self.conn.publish("market", READY_TYPE, {"answer": True})
             return
         if envelope.sender in self.liars:
             self.conn.drops["excluded"] += 1
