@@ -31,7 +31,8 @@ price), identical (opposite kWh, same price) at both ends. Per trade with more t
 "Records" are returned to the shell, which must make them durable *before* sending
 the messages returned with them (write-ahead): an accept is sent only after the
 contract is on disk, so an acknowledged contract survives a crash. A restarted peer
-rebuilds its :class:`Settlement` from its ledger's records and carries on.
+rebuilds its :class:`Settlement` from its ledger's records and carries on; a restarted
+buyer first sends the accept of every contract it had countersigned again.
 """
 
 from __future__ import annotations
@@ -170,11 +171,20 @@ class Settlement:
         return result
 
     def start(self, now_ms: int) -> SettlementStep:
-        """Record every trade to sign and send the proposals this peer owes."""
+        """Record every trade to sign and send the proposals this peer owes.
+
+        After a restart, the accept of every contract this peer countersigned is sent
+        again: it may have died between recording the contract and sending the accept,
+        and the seller's proposal may not come again before its deadline.
+        """
         if self._started:
             raise RuntimeError("start() called twice")
         self._started = True
         step = SettlementStep()
+        for other, record in sorted(self.records.items()):
+            if record.role == "buyer" and record.status == "final":
+                assert record.terms_bytes is not None and record.buyer_signature is not None
+                step.outgoing.append(self._accept(other, record.terms_bytes, record.buyer_signature))
         deadline = now_ms + self._ms(self.settings.expiry_s + self.settings.grace_s)
         for other, (kwh, price) in sorted(self._trades.items()):
             if other in self.records or not math.isfinite(kwh) or abs(kwh) <= self.settings.min_kwh:
