@@ -75,6 +75,7 @@ import numpy as np
 from wattmesh.protocols.admm import solve_local_step, standalone_cost
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
+from wattmesh.protocols.rounds import RoundTimer
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.wire import Envelope
 
@@ -319,9 +320,7 @@ class GdbPeer:
         self.bids: dict[str, float] = {}  # the last complete round's bids
         self._pending = _Pending()
         self._sent: dict[int, Outgoing] = {}
-        self._last_progress = 0.0
-        self._last_resend = -math.inf
-        self._resends = 0
+        self._timer = RoundTimer(self.settings.round_timeout_s, self.settings.neighbour_timeout_s)
         self.outcome: PeerOutcome | None = None
         self.failure: str | None = None
         self.bid_change = math.inf  # max_i |b_i^k − b_i^{k−1}| [kWh]
@@ -345,7 +344,7 @@ class GdbPeer:
         """
         if self.round != 0:
             raise RuntimeError("start() called twice")
-        self._last_progress = now + start_grace_s
+        self._timer.last_progress = now + start_grace_s
         if not self.neighbours:  # alone: the grid settles it
             self.bids = {self.peer_id: 0.0}
             self.price = self.proposal
@@ -379,8 +378,7 @@ class GdbPeer:
         self._pending.by_round.setdefault(k, {})[sender] = float(bid)
         out: list[Outgoing] = []
         while not self.done and len(self._pending.by_round.get(self.round, {})) == len(self.neighbours):
-            self._last_progress = now
-            self._resends = 0
+            self._timer.progress(now)
             out += self._complete_round()
         return out
 
@@ -388,34 +386,26 @@ class GdbPeer:
         """When :meth:`on_timer` wants to be called next [s], or None when finished."""
         if self.done:
             return None
-        return min(
-            self._last_progress + self.settings.neighbour_timeout_s,
-            max(self._last_progress, self._last_resend) + self._resend_interval(),
-        )
+        return self._timer.next_deadline()
 
     def on_timer(self, now: float) -> list[Outgoing]:
         """Re-publish on a late round; fail the session on a silent peer."""
         if self.done:
             return []
-        if now >= self._last_progress + self.settings.neighbour_timeout_s:
+        if now >= self._timer.give_up_at:
             silent = sorted(set(self.neighbours) - set(self._pending.by_round.get(self.round, {})))
             self.failure = (
                 f"no round-{self.round} bid from {', '.join(silent)} within {self.settings.neighbour_timeout_s:g} s"
             )
             return []
-        if now >= max(self._last_progress, self._last_resend) + self._resend_interval():
+        if self._timer.resend_due(now):
             return self._resend(now)
         return []
 
     # ------------------------------------------------------------------ internals
-    def _resend_interval(self) -> float:
-        return self.settings.round_timeout_s * 2.0 ** min(self._resends, 16)
-
     def _resend(self, now: float) -> list[Outgoing]:
-        if now - self._last_resend < self._resend_interval() / 2:
-            return []
-        self._last_resend = now
-        self._resends += 1
+        if not self._timer.take_resend(now):
+            return []  # at most one burst per half interval, however many nudges arrive
         return [self._sent[k] for k in (self.round - 1, self.round) if k in self._sent]
 
     def _proposal_bid(self, mu: float) -> float:
