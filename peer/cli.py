@@ -80,7 +80,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
 
         loop.add_signal_handler(signal.SIGTERM, terminate)
         try:
-            results = await gateway.serve(intervals=args.intervals, stop=stop)
+            results = await gateway.serve(intervals=args.intervals, stop=stop, not_before=args.not_before)
         except asyncio.CancelledError:
             return 0
         return 0 if all(r.status != "failed" for r in results) or args.intervals is None else 1
@@ -295,6 +295,10 @@ def _parser() -> argparse.ArgumentParser:
     peer.add_argument("config", help="the home's config file (docs/deploy.md)")
     peer.add_argument("--intervals", type=int, help="stop after this many intervals (default: run until SIGTERM)")
     peer.add_argument("--check", action="store_true", help="validate the config and exit")
+    peer.add_argument(
+        "--not-before", type=float, metavar="EPOCH_S",
+        help="first trade in the interval starting at or after this Unix time (homes rolled out together)",
+    )  # fmt: skip
     peer.add_argument("--quiet", action="store_true", help="log warnings only")
     peer.set_defaults(func=_cmd_peer)
 

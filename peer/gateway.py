@@ -83,11 +83,18 @@ class Gateway:
         self.ledger.close()
 
     # ------------------------------------------------------------------ service loop
-    async def serve(self, *, intervals: int | None = None, stop: asyncio.Event | None = None) -> list[IntervalResult]:
+    async def serve(
+        self, *, intervals: int | None = None, stop: asyncio.Event | None = None, not_before: float | None = None
+    ) -> list[IntervalResult]:
         """Trade every interval until ``stop`` is set (or ``intervals`` have passed).
 
         An interval is joined only from its start: a peer that comes up in the middle
         of one waits for the next (it would miss the join window anyway).
+
+        Args:
+            not_before: first trade in the interval starting at or after this time [s
+                since the epoch]: homes brought up together (a roll-out, a test) all
+                start with the same session whatever their start-up times.
         """
         stop = stop or asyncio.Event()
         results: list[IntervalResult] = []
@@ -97,7 +104,12 @@ class Gateway:
         try:
             while intervals is None or len(results) < intervals:
                 start = self._next_start()
-                logger.info("%s: next session %s in %.0f s", self.config.peer_id, session_id(self.config.community, start), start - self._clock())
+                if not_before is not None and start < not_before:
+                    interval = self.config.interval_s
+                    start = interval_start(not_before, interval)
+                    start += interval if start < not_before else 0.0
+                wait = start - self._clock()
+                logger.info("%s: next session %s in %.0f s", self.config.peer_id, session_id(self.config.community, start), wait)
                 if not await _wait_until(start, stop, self._clock):
                     break
                 result = await self.run_interval(start)

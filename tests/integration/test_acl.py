@@ -360,8 +360,8 @@ async def test_revoking_a_peer_refuses_it_and_silences_its_retained_state(tmp_pa
                     pass
             except aiomqtt.MqttCodeError:
                 break
+            # each attempt is a CONNECT answered by the broker: no pause needed between them
             assert asyncio.get_running_loop().time() < deadline, "a can still log in after the reload"
-            await asyncio.sleep(0.02)
 
         async with secured.client("c") as late:
             await late.subscribe(f"{topic('presence')}/+", qos=1)

@@ -57,9 +57,10 @@ flex_cost = 0.1
 """
 
 
-async def _start(config: Path, intervals: int) -> asyncio.subprocess.Process:
+async def _start(config: Path, intervals: int, not_before: float = 0.0) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "wattmesh.peer.cli", "peer", str(config), "--intervals", str(intervals),
+        "--not-before", str(not_before),
         cwd=config.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
 
@@ -97,15 +98,10 @@ async def test_three_homes_trade_three_intervals_and_a_killed_one_rejoins(
     host, port = parse_url(url)
     async with aiomqtt.Client(host, port) as client:  # the home energy manager's reading
         await client.publish("home/meter/forecast", json.dumps({"kwh": 1.2}), qos=1, retain=True)
-    # All three must pick the same first interval. A peer joins the interval it starts in
-    # only during the first half of its join window (1.5 s), else the next one: starting
-    # at phase 2..9 s of an interval, every process picks the next boundary. Waiting for a
-    # wall-clock phase is the behaviour under test (epoch-aligned intervals), not a
-    # synchronisation between processes.
-    phase = time.time() % INTERVAL_S
-    if not 2.0 <= phase <= 9.0:
-        await asyncio.sleep((2.0 - phase) % INTERVAL_S)
-    processes = {h: await _start(p, 3) for h, p in configs.items()}
+    # All three must start with the same interval, whatever their start-up times: the
+    # first boundary at least 5 s away (the installer's --not-before for a roll-out)
+    first = (int(time.time() + 5.0) // INTERVAL_S + 1) * INTERVAL_S
+    processes = {h: await _start(p, 3, first) for h, p in configs.items()}
     logs: dict[str, list[str]] = {h: [] for h in configs}
 
     # WHEN the CSV home is killed right after its first interval and restarted
