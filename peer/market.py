@@ -205,7 +205,7 @@ class _Session:
             if self._loop.time() >= deadline:
                 # due even while messages keep arriving: receive() only times out on an
                 # empty inbox, and a backlog of re-sends (lossy links) never empties it
-                await _send(self.conn, core.on_timer(self._loop.time()))
+                await self._tick()
                 continue
             if early:
                 incoming = early.pop(0)
@@ -213,9 +213,20 @@ class _Session:
                 try:
                     incoming = await self.conn.receive(max(0.0, deadline - self._loop.time()))
                 except TimeoutError:
-                    await _send(self.conn, core.on_timer(self._loop.time()))
+                    await self._tick()
                     continue
             await self._dispatch(incoming)
+
+    async def _tick(self) -> None:
+        """The core's timer: re-sends, or giving up neighbours gone for good (a round
+        completed without them is journaled before its message leaves)."""
+        before = set(getattr(self.core, "excluded", ()))
+        outgoing = self.core.on_timer(self._loop.time())
+        if gone := sorted(set(getattr(self.core, "excluded", ())) - before):
+            logger.warning("%s: %s silent too long, gone for good: going on without them", self.conn.peer_id, gone)
+        if self.journal is not None:
+            self.journal.record(self.core)
+        await _send(self.conn, outgoing)
 
     async def settle(self, settlement: Settlement) -> None:
         """Sign every trade's contract; ends when none is open (each has a deadline)."""
@@ -280,6 +291,9 @@ class _Session:
                     return
         if incoming.channel == "report":
             self.finished.add(envelope.sender)
+            neighbour_failed = getattr(self.core, "neighbour_failed", None)
+            if envelope.type == FAILED_TYPE and neighbour_failed is not None and self._market_ran:
+                neighbour_failed(envelope.sender)
         elif envelope.type.startswith(CONTRACT_PREFIX):
             if self.settlement is None:
                 self._contract_mail.append(incoming)

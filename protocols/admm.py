@@ -44,11 +44,21 @@ round (older than its own) from a neighbour takes it as "still waiting for us" a
 re-publishes too. Each re-send since the last progress doubles the wait before the
 next one: a round that is merely slow (N·degree signature checks on a busy host) must
 not be buried under re-sends, each of which costs every neighbour a verification and
-nudges it to re-send in turn. After ``neighbour_timeout_s`` without progress the
-session fails, naming the silent peers (round 1 waits longer,
-``start(start_grace_s=…)``: neighbours may still be starting; the grace postpones the
-failure only, not the re-sends, or one lost round-1 message would stall the market
-for the whole grace).
+nudges it to re-send in turn.
+
+Gone for good: after ``neighbour_timeout_s`` T without progress a peer looks at the
+neighbours whose round message it still lacks. One it has heard *nothing* from for T
+(no round message, no re-send) is gone: the peer excludes it (trade fixed at 0 kWh from
+this round, no contract) and the round completes without it, provided the public link
+graph without the excluded peers still has a diameter within the stop vote's horizon;
+every neighbour of the gone peer computes the same condition, so the AND-vote still
+reaches every remaining peer and they all stop on the same round. A neighbour heard
+within T is alive but stuck (it waits for someone else, e.g. a neighbour of the gone
+peer, and re-sends its round after ``round_timeout_s`` ≤ T/2): the peer waits for it,
+up to 2T without progress. Otherwise the session fails, naming the silent neighbours. Round 1 waits
+longer (``start(start_grace_s=…)``: neighbours may still be starting; the grace
+postpones giving up only, not the re-sends, or one lost round-1 message would stall
+the market for the whole grace).
 
 Restart: :meth:`AdmmPeer.snapshot` is the whole state a round depends on (prices, ρ,
 centers, trades, votes, round bodies received early, its own recent round messages).
@@ -74,6 +84,7 @@ from numpy.typing import NDArray
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
+from wattmesh.protocols.topology import diameter
 from wattmesh.protocols.wire import Envelope
 
 __all__ = [
@@ -118,6 +129,9 @@ class AdmmSettings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.round_timeout_s > self.neighbour_timeout_s / 2:
+            # a live neighbour must be heard re-sending before it can be taken for gone
+            raise ValueError("round_timeout_s must be at most half of neighbour_timeout_s")
         if self.eps_abs < 0 or self.max_iterations < 1 or self.adapt_until < 0:
             raise ValueError("eps_abs >= 0, max_iterations >= 1, adapt_until >= 0 required")
 
@@ -299,6 +313,7 @@ class AdmmPeer:
         self.settings = AdmmSettings.from_mapping(public.settings)
         self.neighbours: tuple[str, ...] = tuple(public.links[spec.id])
         self.horizon = horizon
+        self._links = public.links
         n = len(self.neighbours)
         self._slot = {j: i for i, j in enumerate(self.neighbours)}
         grid = public.grid
@@ -322,9 +337,11 @@ class AdmmPeer:
         self._patient_until = 0.0  # round 1: no failure before (start grace)
         self._last_resend = -math.inf
         self._resends = 0  # since the last progress; each doubles the next interval
+        self._heard = dict.fromkeys(self.neighbours, 0.0)  # last round message of any k [s]
+        self._hold_until = -math.inf  # a stuck but live neighbour is waited for until then
         self.outcome: PeerOutcome | None = None
         self.failure: str | None = None
-        self.excluded: set[str] = set()  # neighbours proven to equivocate
+        self.excluded: set[str] = set()  # neighbours proven to equivocate, or gone for good
         self.primal_residual = math.inf
         self.dual_residual = math.inf
 
@@ -350,6 +367,7 @@ class AdmmPeer:
             raise RuntimeError("start() called twice")
         self._last_progress = now
         self._patient_until = now + start_grace_s
+        self._heard = dict.fromkeys(self.neighbours, now)
         if not self.neighbours:  # nobody to trade with: the grid alone settles it
             self._solve()
             return self._finish(converged=True)
@@ -379,6 +397,7 @@ class AdmmPeer:
             or not _is_int(v0)
         ):  # fmt: skip
             raise ProtocolError("malformed admm.round body", peer_id=sender)
+        self._heard[sender] = now
         if sender in self.excluded:
             return []  # proven to lie: nothing it says counts any more
         if self.done or k < self.round:
@@ -394,7 +413,7 @@ class AdmmPeer:
         return self._progress(now)
 
     def exclude(self, peer_id: str, now: float) -> list[Outgoing]:
-        """Stop trading with a neighbour proven to lie (protocols/evidence.py).
+        """Stop trading with a neighbour proven to lie (protocols/evidence.py) or gone.
 
         Its trade is fixed at 0 kWh from the current round on (bounds 0, its messages
         ignored, its votes no longer counted) and it is left out of the outcome: no
@@ -403,12 +422,26 @@ class AdmmPeer:
         """
         if peer_id not in self._slot or peer_id in self.excluded:
             return []
+        self._drop_link(peer_id)
+        return self._progress(now)
+
+    def neighbour_failed(self, peer_id: str) -> None:
+        """A neighbour published that its session failed: so does ours.
+
+        It will never send again, and it failed either because the market could not go
+        on without a gone peer (then every neighbour of that peer fails alike) or for a
+        reason we cannot judge. Excluding it instead, on a condition each peer checks
+        with a different picture of who is gone, could split the stop vote.
+        """
+        if peer_id in self._slot and peer_id not in self.excluded and not self.done:
+            self.failure = f"neighbour {peer_id} gave up the session"
+
+    def _drop_link(self, peer_id: str) -> None:
         self.excluded.add(peer_id)
         i = self._slot[peer_id]
         self._lower[i] = self._upper[i] = 0.0
         for bodies in self._pending.by_round.values():
             bodies.pop(peer_id, None)
-        return self._progress(now)
 
     def _progress(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
@@ -416,6 +449,7 @@ class AdmmPeer:
         while not self.done and self.round >= 1 and len(self._received(self.round)) >= active:
             self._last_progress = now
             self._resends = 0
+            self._hold_until = -math.inf
             out += self._complete_round()
         return out
 
@@ -426,19 +460,49 @@ class AdmmPeer:
         return min(self._give_up_at(), max(self._last_progress, self._last_resend) + self._resend_interval())
 
     def on_timer(self, now: float) -> list[Outgoing]:
-        """Re-publish on a late round; fail the session on a silent neighbour."""
+        """Re-publish on a late round; at the neighbour deadline, go on without the
+        neighbours gone for good, or fail the session."""
         if self.done:
             return []
         if now >= self._give_up_at():
-            silent = sorted(set(self.neighbours) - self.excluded - set(self._received(self.round)))
-            self.failure = (
-                f"no round-{self.round} message from {', '.join(silent)} "
-                f"within {self.settings.neighbour_timeout_s:g} s"
-            )
-            return []
+            return self._on_silence(now)
         if now >= max(self._last_progress, self._last_resend) + self._resend_interval():
             return self._resend(now)
         return []
+
+    def _on_silence(self, now: float) -> list[Outgoing]:
+        """No progress for ``neighbour_timeout_s``: exclude the neighbours gone for good
+        (see the module docstring), wait a while longer for live ones, or fail."""
+        timeout = self.settings.neighbour_timeout_s
+        waiting = sorted(set(self.neighbours) - self.excluded - set(self._received(self.round)))
+        gone = [j for j in waiting if now - self._heard[j] >= timeout]
+        live = [j for j in waiting if j not in gone]
+        out: list[Outgoing] = []
+        if gone:
+            remaining = {
+                p: tuple(q for q in links if q not in self.excluded and q not in gone)
+                for p, links in self._links.items() if p not in self.excluded and p not in gone
+            }  # fmt: skip
+            if diameter(remaining) > self.horizon:
+                self.failure = (
+                    f"no round-{self.round} message from {', '.join(gone)} within {timeout:g} s, and the "
+                    f"market cannot go on without them (the link graph would be wider than the "
+                    f"{self.horizon}-round stop vote)"
+                )
+                return []
+            for j in gone:
+                self._drop_link(j)
+            out = self._progress(now)
+        if self.done or (gone and not live):
+            return out
+        if not live or now >= self._base_time() + 2 * timeout:
+            self.failure = (
+                f"no round-{self.round} message from {', '.join(live)} within {2 * timeout:g} s "
+                f"(they are alive, waiting for someone else)"
+            )
+            return out
+        self._hold_until = min(self._heard[j] for j in live) + timeout
+        return out
 
     # ------------------------------------------------------------------ restart
     def snapshot(self) -> dict[str, Any]:
@@ -482,6 +546,7 @@ class AdmmPeer:
                 for sender, body in bodies.items()
             ],
             "sent": [dict(message.body) for _, message in sorted(self._sent.items())],
+            "excluded": sorted(self.excluded),
             "primal_residual": None if math.isinf(self.primal_residual) else self.primal_residual,
             "dual_residual": None if math.isinf(self.dual_residual) else self.dual_residual,
         }
@@ -546,12 +611,17 @@ class AdmmPeer:
                 peer._sent[int(body["k"])] = Outgoing("market", ROUND_TYPE, body)
             if k not in peer._sent:
                 raise ValueError(f"its own round-{k} message is missing")
+            for j in snapshot.get("excluded", []):
+                if j not in peer._slot:
+                    raise ValueError(f"excluded non-neighbour {j!r}")
+                peer._drop_link(j)
             primal, dual = snapshot["primal_residual"], snapshot["dual_residual"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed ADMM snapshot: {exc}") from None
         peer.primal_residual = math.inf if primal is None else float(primal)
         peer.dual_residual = math.inf if dual is None else float(dual)
         peer._last_progress = peer._patient_until = now
+        peer._heard = dict.fromkeys(peer.neighbours, now)
         return peer
 
     def resume(self, now: float) -> list[Outgoing]:
@@ -571,10 +641,15 @@ class AdmmPeer:
         return [self._sent[k] for k in (self.round - 1, self.round) if k in self._sent]
 
     # ------------------------------------------------------------------ internals
+    def _base_time(self) -> float:
+        """Since when the current round waits [s]; round 1 also waits out the start grace."""
+        return max(self._last_progress, self._patient_until) if self.round == 1 else self._last_progress
+
     def _give_up_at(self) -> float:
-        """When the session fails without progress [s]; round 1 also waits out the start grace."""
-        since = max(self._last_progress, self._patient_until) if self.round == 1 else self._last_progress
-        return since + self.settings.neighbour_timeout_s
+        """When :meth:`_on_silence` looks at the silent neighbours [s]."""
+        timeout = self.settings.neighbour_timeout_s
+        base = self._base_time()
+        return max(base + timeout, min(self._hold_until, base + 2 * timeout))
 
     def _received(self, k: int) -> dict[str, Mapping[str, Any]]:
         return self._pending.by_round.get(k, {})
@@ -708,6 +783,7 @@ class AdmmPeer:
                 j: (float(self.center[i]), float(self.price[i]))
                 for i, j in enumerate(self.neighbours) if j not in self.excluded
             },
+            tuple(sorted(self.excluded)),
         )  # fmt: skip
         return [Outgoing("report", "admm.report", self.outcome.to_body())]
 

@@ -75,6 +75,7 @@ class PeerOutcome:
     cost: float
     grid_only_cost: float | None  # its cost trading with nobody (None: no feasible point)
     trades: Mapping[str, tuple[float, float]]  # counterparty -> (import kWh, price per kWh)
+    excluded: tuple[str, ...] = ()  # neighbours it stopped trading with (liars, gone for good)
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -87,6 +88,7 @@ class PeerOutcome:
             "cost": self.cost,
             "grid_only_cost": self.grid_only_cost,
             "trades": {j: [kwh, price] for j, (kwh, price) in self.trades.items()},
+            "excluded": list(self.excluded),
         }
 
 

@@ -4,6 +4,10 @@ Nothing here solves anything: every figure is what a peer reported and signed. T
 only check is agreement: both ends of a trade must report the same energy (opposite
 signs) and the same price, else the trade is listed under ``disputes``. A trade is
 ``signed`` when both ends report a final two-party contract for it (settlement).
+A peer without a report (failed, or gone for good and excluded by its neighbours) is
+listed under ``missing_peers``, with its reason under ``failed_peers`` when known; the
+run is then not ``converged``, though the peers under ``peers`` may have cleared among
+themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def aggregate_reports(
     reports: Mapping[str, Mapping[str, Any]],
     *,
     wall_seconds: float,
+    failed: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build the result document from one report body per peer.
 
@@ -33,7 +38,10 @@ def aggregate_reports(
         reports: peer id -> verified report body (``PeerOutcome.to_body()`` plus
             ``messages``/``bytes`` counters added by the peer's shell).
         wall_seconds: time from launch to the last report [s].
+        failed: peer id -> why it has no report (its ``session.failed`` reason, or what
+            the launcher saw); listed under ``failed_peers``, and still missing.
     """
+    failed = dict(failed or {})
     missing = [pid for pid in public.peer_ids if pid not in reports]
     peers: dict[str, Any] = {}
     trades: list[dict[str, Any]] = []
@@ -51,6 +59,7 @@ def aggregate_reports(
             "payment": report["payment"],
             "cost": report["cost"],
             "grid_only_cost": report["grid_only_cost"],
+            "excluded": list(report.get("excluded", [])),
         }
         for other, (kwh, price) in sorted(report["trades"].items()):
             if other < pid and other in reports:
@@ -78,5 +87,6 @@ def aggregate_reports(
         "trades": trades,
         "contracts": {"signed": sum(t["signed"] for t in trades), "unsigned": sum(not t["signed"] for t in trades)},
         "missing_peers": missing,
+        "failed_peers": {pid: failed[pid] for pid in missing if pid in failed},
         "disputes": disputes,
     }
