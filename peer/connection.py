@@ -226,6 +226,7 @@ class PeerConnection:
         self.bytes_published = 0
         self.received = 0
         self.reconnects = 0
+        self.connected_at = 0.0  # loop time of the latest (re)connection
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> PeerConnection:
@@ -308,6 +309,7 @@ class PeerConnection:
             ) from None
         self._client = client
         self._lost = asyncio.Event()
+        self.connected_at = asyncio.get_running_loop().time()
         self._up.set()
 
     async def _reconnect(self, reason: str) -> None:
@@ -504,6 +506,11 @@ class PeerConnection:
     def presence(self) -> Mapping[str, bool]:
         """Peer id -> online, from the latest verified presence frame of each peer."""
         return self._presence.online
+
+    @property
+    def connected(self) -> bool:
+        """A connection to the broker is established (False while reconnecting)."""
+        return self._up.is_set()
 
     @property
     def pending(self) -> int:

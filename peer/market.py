@@ -220,6 +220,10 @@ class _Session:
     async def _tick(self) -> None:
         """The core's timer: re-sends, or giving up neighbours gone for good (a round
         completed without them is journaled before its message leaves)."""
+        deaf_until = getattr(self.core, "deaf_until", None)
+        if deaf_until is not None:
+            # while our own connection was down we heard nobody: not their silence
+            deaf_until(self._loop.time() if not self.conn.connected else self.conn.connected_at)
         before = set(getattr(self.core, "excluded", ()))
         outgoing = self.core.on_timer(self._loop.time())
         if gone := sorted(set(getattr(self.core, "excluded", ())) - before):
@@ -291,9 +295,12 @@ class _Session:
                     return
         if incoming.channel == "report":
             self.finished.add(envelope.sender)
-            neighbour_failed = getattr(self.core, "neighbour_failed", None)
-            if envelope.type == FAILED_TYPE and neighbour_failed is not None and self._market_ran:
-                neighbour_failed(envelope.sender)
+            if self._market_ran and not self.core.done:
+                # a core that can go on without gone neighbours must know who left for good
+                ended = "neighbour_failed" if envelope.type == FAILED_TYPE else "neighbour_finished"
+                notify = getattr(self.core, ended, None)
+                if notify is not None:
+                    notify(envelope.sender)
         elif envelope.type.startswith(CONTRACT_PREFIX):
             if self.settlement is None:
                 self._contract_mail.append(incoming)

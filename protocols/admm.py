@@ -52,13 +52,17 @@ neighbours whose round message it still lacks. One it has heard *nothing* from f
 this round, no contract) and the round completes without it, provided the public link
 graph without the excluded peers still has a diameter within the stop vote's horizon;
 every neighbour of the gone peer computes the same condition, so the AND-vote still
-reaches every remaining peer and they all stop on the same round. A neighbour heard
-within T is alive but stuck (it waits for someone else, e.g. a neighbour of the gone
-peer, and re-sends its round after ``round_timeout_s`` ≤ T/2): the peer waits for it,
-up to 2T without progress. Otherwise the session fails, naming the silent neighbours. Round 1 waits
-longer (``start(start_grace_s=…)``: neighbours may still be starting; the grace
-postpones giving up only, not the re-sends, or one lost round-1 message would stall
-the market for the whole grace).
+reaches every remaining peer and they all stop on the same round. When the graph would
+be too wide, the session fails instead, and so does every peer that reads a
+neighbour's ``session.failed`` (:meth:`AdmmPeer.neighbour_failed`). A silent neighbour
+that has published its report finished without us (it excluded us, e.g. as a liar):
+the session fails. A neighbour heard within T is alive but stuck (it waits for someone
+else, e.g. a neighbour of the gone peer, and re-sends its round after
+``round_timeout_s`` ≤ T/2): the peer waits for it, and fails after 2T without
+progress. So does a peer whose own broker connection was down (the shell calls
+:meth:`AdmmPeer.deaf_until`): silence it could not hear proves nothing. Round 1 waits longer (``start(start_grace_s=…)``: neighbours may still be
+starting; the grace postpones giving up only, not the re-sends, or one lost round-1
+message would stall the market for the whole grace).
 
 Restart: :meth:`AdmmPeer.snapshot` is the whole state a round depends on (prices, ρ,
 centers, trades, votes, round bodies received early, its own recent round messages).
@@ -339,6 +343,7 @@ class AdmmPeer:
         self._resends = 0  # since the last progress; each doubles the next interval
         self._heard = dict.fromkeys(self.neighbours, 0.0)  # last round message of any k [s]
         self._hold_until = -math.inf  # a stuck but live neighbour is waited for until then
+        self._finished: set[str] = set()  # neighbours that reported (left the market)
         self.outcome: PeerOutcome | None = None
         self.failure: str | None = None
         self.excluded: set[str] = set()  # neighbours proven to equivocate, or gone for good
@@ -436,6 +441,22 @@ class AdmmPeer:
         if peer_id in self._slot and peer_id not in self.excluded and not self.done:
             self.failure = f"neighbour {peer_id} gave up the session"
 
+    def deaf_until(self, now: float) -> None:
+        """This peer could hear nobody until ``now`` (its own broker connection was
+        down): a neighbour's silence before then says nothing about the neighbour."""
+        for j, heard in self._heard.items():
+            self._heard[j] = max(heard, now)
+
+    def neighbour_finished(self, peer_id: str) -> None:
+        """A neighbour published its report: it left the market.
+
+        Every peer stops on the same round, so this is news only if we then wait for it
+        in vain: it finished without us (it excluded us, e.g. as a liar), and going on
+        without it as if it were gone would report a market it never agreed to.
+        """
+        if peer_id in self._slot:
+            self._finished.add(peer_id)
+
     def _drop_link(self, peer_id: str) -> None:
         self.excluded.add(peer_id)
         i = self._slot[peer_id]
@@ -478,6 +499,9 @@ class AdmmPeer:
         gone = [j for j in waiting if now - self._heard[j] >= timeout]
         live = [j for j in waiting if j not in gone]
         out: list[Outgoing] = []
+        if left := [j for j in gone if j in self._finished]:
+            self.failure = f"{', '.join(left)} finished the market without us (no round-{self.round} message)"
+            return []
         if gone:
             remaining = {
                 p: tuple(q for q in links if q not in self.excluded and q not in gone)
@@ -498,7 +522,7 @@ class AdmmPeer:
         if not live or now >= self._base_time() + 2 * timeout:
             self.failure = (
                 f"no round-{self.round} message from {', '.join(live)} within {2 * timeout:g} s "
-                f"(they are alive, waiting for someone else)"
+                f"(not silent: waiting for someone else, or our broker connection was down)"
             )
             return out
         self._hold_until = min(self._heard[j] for j in live) + timeout

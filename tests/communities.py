@@ -57,3 +57,10 @@ def random_community(
         b = candidates[int(rng.integers(len(candidates)))]
         lines.append(f'[[fees]]\na = "{a}"\nb = "{b}"\nfee = {rng.uniform(0.0, 0.05):.4f}')
     return "\n".join(lines) + "\n"
+
+
+def without_peer(text: str, gone: str) -> str:
+    """The community ``text`` with peer ``gone`` removed, also from every neighbour list:
+    the reference for a market that cleared after excluding it."""
+    kept = "\n[[peers]]".join(part for part in text.split("\n[[peers]]") if f'id = "{gone}"' not in part)
+    return kept.replace(f'"{gone}", ', "").replace(f', "{gone}"', "").replace(f'"{gone}"', "")

@@ -22,6 +22,12 @@ the optimum (goal ≥ 99 %), the iteration overhead faulty/clean (goal ≤ 3×; 
 synchronous ADMM recomputes nothing after a loss, so 1.0 is expected), the wall-time
 overhead, and the hung runs (goal 0).
 
+With ``--gone`` the killed peer is *not* restarted (gone for good): its neighbours
+exclude it after ``neighbour_timeout_s`` and the others clear without it; such a run
+reaches the optimum when the other N − 1 peers reported, converged, within 1e-3 of the
+optimum of the community without the gone peer. The wall-time overhead then includes
+the neighbour timeout.
+
 The clean and faulty runs use the same ADMM settings; ``round_timeout_s`` is small
 (0.3 s) so a lost message is re-sent quickly (docs/faults.md).
 
@@ -29,6 +35,7 @@ Run from the repository root (nice: the machine is shared):
 
     nice -n 10 python tests/benchmarks/bench_faults.py [--seeds 10] [--peers 10] [--drop 0.1]
         [--peers-per-process 3] [--deadline 180] [--admm "round_timeout_s = 0.3; neighbour_timeout_s = 30"]
+        [--gone]
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: communities, reference
 
-from communities import random_community
+from communities import random_community, without_peer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from reference import social_optimum
 
@@ -97,6 +104,7 @@ class Row:
     seed: int
     optimum: float
     crash_round: int
+    optimum_faulty: float  # of the community without the victim with --gone, else = optimum
     clean: Run = field(default_factory=Run)
     faulty: Run = field(default_factory=Run)
 
@@ -166,8 +174,9 @@ async def one_run(
             crash = FaultPlan(crash_at="market.round", crash_round=crash_round, drop_rate=args.drop, seed=seed)
             dying = await community.spawn("victim", [community.job(victim, crash if faulty else NO_FAULTS)])
             restarted = False
-            while len(reports) < len(community.ids):
-                if faulty and not restarted and dying.returncode is not None:
+            expected = len(community.ids) - (1 if faulty and args.gone else 0)
+            while len(reports) < expected:
+                if faulty and not restarted and dying.returncode is not None and not args.gone:
                     if dying.returncode != -signal.SIGKILL:
                         run.failure = f"victim exited with {dying.returncode} before its crash point"
                         return
@@ -185,6 +194,11 @@ async def one_run(
                     return
                 reports[incoming.envelope.sender] = dict(incoming.envelope.body)
             run.wall_s = time.monotonic() - started
+            if faulty and args.gone:
+                if dying.returncode != -signal.SIGKILL:
+                    run.failure = f"victim did not die at its crash point (exit {dying.returncode})"
+                elif any(victim not in r.get("excluded", ()) for pid, r in reports.items() if pid != victim):
+                    run.failure = "a survivor did not exclude the gone peer"
             await asyncio.gather(*(p.wait() for p in community.processes.values()))
 
     try:
@@ -197,7 +211,7 @@ async def one_run(
     finally:
         community.kill_all()
         await asyncio.gather(*(p.wait() for p in community.processes.values()))
-    if len(reports) == len(community.ids):
+    if len(reports) == len(community.ids) - (1 if faulty and args.gone else 0):
         run.rounds = max(int(r["iterations"]) for r in reports.values())
         run.converged = all(r["converged"] for r in reports.values())
         run.drops = sum(int(r.get("drops", {}).get("injected", 0)) for r in reports.values())
@@ -259,6 +273,7 @@ async def main() -> None:
         "--admm", default="round_timeout_s = 0.3; neighbour_timeout_s = 30",
         help='[market.admm] settings, TOML, ";"-separated',
     )  # fmt: skip
+    parser.add_argument("--gone", action="store_true", help="the killed peer is not restarted (gone for good)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log peer-side warnings of this process")
     args = parser.parse_args()
     admm = "\n".join(part.strip() for part in args.admm.split(";"))
@@ -268,7 +283,8 @@ async def main() -> None:
         f"# bench_faults: {' '.join(sys.argv[1:]) or '(defaults)'}\n"
         f"# {platform.platform()}, Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}; aiomqtt {version('aiomqtt')}, cvxpy {version('cvxpy')}\n"
-        f"# N = {args.peers}, drop rate {args.drop:g}, one SIGKILL + restart per faulty run, [market.admm] {args.admm}"
+        f"# N = {args.peers}, drop rate {args.drop:g}, one SIGKILL {'(gone for good)' if args.gone else '+ restart'} "
+        f"per faulty run, [market.admm] {args.admm}"
     )
     workdir = Path(tempfile.mkdtemp(prefix="bench-faults-"))  # kept: peer logs and state
     print(f"# peer logs and state: {workdir}\n")
@@ -283,14 +299,18 @@ async def main() -> None:
             keys = {pid: Ed25519PrivateKey.generate() for pid in scenario.public.peer_ids}
             clean_rounds = next(iter(run_in_memory(scenario, keys).outcomes.values())).iterations
             crash_round = random.Random(seed).randint(2, max(2, clean_rounds - 3))
-            row = Row(seed, social_optimum(scenario).social_cost, crash_round)
+            optimum = social_optimum(scenario).social_cost
+            victim = scenario.public.peer_ids[seed % len(scenario.public.peer_ids)]  # as in one_run
+            without = parse_scenario(without_peer(text, victim)) if args.gone else scenario
+            row = Row(seed, optimum, crash_round, social_optimum(without).social_cost if args.gone else optimum)
             for faulty in (False, True):
                 where = workdir / f"seed{seed}-{'faulty' if faulty else 'clean'}"
                 run = await one_run(
                     scenario, broker.url, where, args, faulty=faulty, seed=seed, crash_round=crash_round
                 )
                 if run.social_cost is not None:
-                    run.gap = (run.social_cost - row.optimum) / max(abs(row.optimum), 1.0)
+                    reference = row.optimum_faulty if faulty else row.optimum
+                    run.gap = (run.social_cost - reference) / max(abs(reference), 1.0)
                 if faulty:
                     row.faulty = run
                 else:

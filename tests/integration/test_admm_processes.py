@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from communities import random_community
+from communities import random_community, without_peer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.testing import assert_allclose
 from reference import social_optimum
@@ -165,8 +165,8 @@ async def test_a_peer_killed_for_good_mid_market_is_excluded_and_the_rest_clears
     assert result["trades"] and all(victim not in (t["buyer"], t["seller"]) for t in result["trades"])
     assert all(t["signed"] for t in result["trades"])
     # AND its social cost is the optimum of the community without the dead peer
-    kept = "\n[[peers]]".join(part for part in text.split("\n[[peers]]") if f'id = "{victim}"' not in part)
-    assert result["social_cost"] == pytest.approx(social_optimum(parse_scenario(kept)).social_cost, rel=1e-3, abs=1e-3)
+    optimum = social_optimum(parse_scenario(without_peer(text, victim))).social_cost
+    assert result["social_cost"] == pytest.approx(optimum, rel=1e-3, abs=1e-3)
 
 
 @pytest.mark.mosquitto

@@ -16,7 +16,7 @@ import heapq
 from collections.abc import Iterable
 
 import pytest
-from communities import random_community
+from communities import random_community, without_peer
 from reference import social_optimum
 
 from wattmesh.protocols.admm import ROUND_TYPE, AdmmPeer
@@ -91,12 +91,6 @@ class EventNetwork:
             heapq.heappush(self.events, (self.now + LATENCY, self.order, other, pid))
 
 
-def without(text: str, gone: str) -> Scenario:
-    """The same community with peer ``gone`` removed (and from every neighbour list)."""
-    kept = "\n[[peers]]".join(part for part in text.split("\n[[peers]]") if f'id = "{gone}"' not in part)
-    return parse_scenario(kept.replace(f'"{gone}", ', "").replace(f', "{gone}"', "").replace(f'"{gone}"', ""))
-
-
 @pytest.mark.parametrize(
     ("n", "seed", "degree", "victim", "dies_after"),
     [(8, 3, None, "h005", 4), (12, 5, 4, "h007", 6), (6, 2, None, "h000", 1)],
@@ -129,7 +123,7 @@ def test_the_rest_clears_without_a_peer_gone_for_good(
         for other, (kwh, price) in core.outcome.trades.items():  # type: ignore[union-attr]
             assert alive[other].outcome.trades[pid] == (-kwh, price)  # type: ignore[union-attr]
     # AND the social cost is the optimum of the community without it
-    optimum = social_optimum(without(text, victim)).social_cost
+    optimum = social_optimum(parse_scenario(without_peer(text, victim))).social_cost
     achieved = sum(core.outcome.cost for core in alive.values())  # type: ignore[union-attr]
     assert achieved == pytest.approx(optimum, rel=1e-3, abs=1e-3)
 
@@ -180,11 +174,11 @@ def test_a_live_but_stuck_neighbour_is_waited_for_then_the_session_fails_at_twic
     a.receive(envelope("h002", round1["h002"]), 45.0)
     a.on_timer(20.0 + TIMEOUT)
     assert not a.excluded and not a.done
-    # AND at twice the timeout without progress it gives up, naming c as alive
+    # AND at twice the timeout without progress it gives up, naming c as not silent
     a.on_timer(2 * TIMEOUT - 0.1)
     assert not a.done
     assert a.on_timer(2 * TIMEOUT) == []
-    assert a.failure is not None and "h002" in a.failure and "alive" in a.failure
+    assert a.failure is not None and "h002" in a.failure and "not silent" in a.failure
     assert not a.excluded
 
 
@@ -202,3 +196,40 @@ def test_a_neighbour_silent_since_the_start_is_excluded_after_the_start_grace() 
     # ... then excludes c and goes on to round 2 with b alone
     assert a.excluded == {"h002"} and a.round == 2
     assert [o.body["k"] for o in out if o.channel == "market"] == [2]
+
+
+def test_a_silent_neighbour_that_reported_finished_without_us_and_the_session_fails() -> None:
+    # GIVEN a triangle where c has published its report (it left the market) and then
+    # falls silent while a still waits for its round 1 (e.g. c excluded a as a liar)
+    net = EventNetwork(parse_scenario(random_community(3, 4, name="left", admm=ADMM)))
+    a = net.cores["h000"]
+    b_first = net.cores["h001"].start(0.0)
+    a.start(0.0)
+    a.receive(Envelope(ROUND_TYPE, "h001", "left", "s", 1, 0, b_first[0].body), 0.1)
+    a.neighbour_finished("h002")
+    a.neighbour_finished("nobody")  # not a neighbour: ignored
+    # WHEN the neighbour timeout passes
+    a.on_timer(TIMEOUT)
+    # THEN a does not carry on as if c were gone: its session fails, saying why
+    assert not a.excluded and a.outcome is None
+    assert a.failure == "h002 finished the market without us (no round-1 message)"
+
+
+def test_silence_while_our_own_connection_was_down_does_not_make_a_neighbour_gone() -> None:
+    # GIVEN a triangle where a completed nothing since t = 0 and c has been silent
+    net = EventNetwork(parse_scenario(random_community(3, 4, name="deaf", admm=ADMM)))
+    a = net.cores["h000"]
+    b_first = net.cores["h001"].start(0.0)
+    a.start(0.0)
+    a.receive(Envelope(ROUND_TYPE, "h001", "deaf", "s", 1, 0, b_first[0].body), 0.1)
+    # WHEN a's broker connection was down until t = 25 s (the shell says so)
+    a.deaf_until(25.0)
+    a.deaf_until(5.0)  # an older outage changes nothing
+    # THEN at the neighbour timeout c is not taken for gone: a waits until 25 s + timeout
+    a.on_timer(TIMEOUT)
+    assert not a.excluded and not a.done
+    a.on_timer(25.0 + TIMEOUT - 0.1)
+    assert not a.excluded and not a.done
+    # AND if c stays silent that long after the reconnection, it is gone
+    a.on_timer(25.0 + TIMEOUT)
+    assert a.excluded == {"h002"} and a.round == 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 import pytest
-from communities import random_community
+from communities import random_community, without_peer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from reference import social_optimum
 
@@ -81,10 +81,6 @@ def test_honest_peers_prove_the_lie_exclude_the_liar_and_clear_without_it() -> N
         for other, (kwh, price) in cores[pid].outcome.trades.items():  # type: ignore[union-attr]
             mirror = cores[other].outcome.trades[pid]  # type: ignore[union-attr]
             assert (mirror[0], mirror[1]) == (-kwh, price)
-    without = random_community(8, 11, name="liar")
-    kept = "\n[[peers]]".join(
-        part for part in without.split("\n[[peers]]") if f'id = "{LIAR}"' not in part
-    )
-    optimum = social_optimum(parse_scenario(kept)).social_cost
+    optimum = social_optimum(parse_scenario(without_peer(random_community(8, 11, name="liar"), LIAR))).social_cost
     achieved = sum(cores[pid].outcome.cost for pid in honest)  # type: ignore[union-attr]
     assert achieved == pytest.approx(optimum, rel=1e-3, abs=1e-3)
