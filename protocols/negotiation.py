@@ -91,6 +91,24 @@ it during the rounds in flight (released when it is given up) and the session on
 ``neighbour_timeout_s``; the session never hangs. A crashed buyer leaves the grants made
 to it in its last two rounds one-sided: the result lists them under ``disputes`` (and
 the buyer under ``missing_peers``).
+
+Liars. A neighbour that signs two different round messages for one round is caught by
+the peer shell (protocols/evidence.py), which publishes the proof and calls
+:meth:`NegotiationPeer.exclude`. The liar is then gone, by the machinery above, from the
+cut round r = min(latest round heard from it, own round, the round of an earlier
+gone-notice about it): its messages from round r on are dropped (pending ones included)
+and later ones ignored, its notices no longer count, every request to it is released,
+it is never waited for again, and every later message says ``gone: {liar: r}``. Every
+deal with it is void at this end, whatever its round: from the proof on the shell drops
+all the liar sends, contract messages included, so no contract with it could be signed
+(ADMM keeps no trade with a liar either). A peer that finished before the proof is not
+affected: the shell does not call ``exclude`` on a finished core and still takes that
+liar's contract messages for it. Voiding only frees energy the honest side had
+committed: V is convex and a peer only buys or only sells, so each remaining deal is
+still worth its payment plus fee share, the peer still ends no worse off than with the
+grid alone, and it trades on with the others with that energy open again (a flexible
+peer left without deals picks its side again). Deals between honest peers are
+untouched. The outcome lists the liar under ``excluded``.
 """
 
 from __future__ import annotations
@@ -308,6 +326,7 @@ class NegotiationPeer:
         # so buyers facing equal asks spread over the sellers instead of queuing at one
         self._tie = {j: zlib.crc32(f"{spec.id}|{j}".encode()) for j in self.neighbours}
         self._peers = {j: _Neighbour() for j in self.neighbours}
+        self.excluded: set[str] = set()  # neighbours proven to equivocate (see exclude)
         self.side = {"buyer": "buy", "seller": "sell"}.get(spec.role, "none")
         self.round = 0  # the round whose own message has been sent
         self.price = self._sell if self.side == "buy" else self._buy
@@ -316,6 +335,7 @@ class NegotiationPeer:
         self._inbox: dict[int, dict[str, _Round]] = {}
         self._missing: set[str] = set()  # awaited neighbours whose message for self.round is not here
         self._gone_notices: dict[str, int] = {}
+        self._heard: dict[str, int] = {}  # neighbour -> latest round of a well-formed message from it
         self._concessions = 0  # c
         self._idle = 0
         self._last_quotes = _Quotes()
@@ -372,8 +392,11 @@ class NegotiationPeer:
         peer = self._peers.get(sender)
         if peer is None:
             raise ProtocolError("sender is not my neighbour", peer_id=sender)
+        if sender in self.excluded:
+            return []  # a proven liar: nothing it says counts any more
         body = self._parse(sender, envelope.body)
         k = body.k
+        self._heard[sender] = max(self._heard.get(sender, 0), k)
         out: list[Outgoing] = []
         if self.peer_id in body.gone and not peer.noticed:
             self._apply_notice(sender, body.gone[self.peer_id])
@@ -400,6 +423,53 @@ class NegotiationPeer:
         self._inbox.setdefault(k, {})[sender] = body
         if k == self.round:
             self._missing.discard(sender)
+        return self._complete_ready(now)
+
+    def exclude(self, peer_id: str, now: float) -> list[Outgoing]:
+        """Stop trading with a neighbour proven to equivocate (protocols/evidence.py).
+
+        It is gone from the cut round r = min(latest round heard from it, own round, an
+        earlier gone-notice about it), as in *Failures* and *Liars* (module docstring):
+        its messages from round r on are dropped and later ones ignored, every request to
+        it is released, it is never waited for again, and every later message says
+        ``gone: {peer_id: r}``. Every deal with it is void, whatever its round (the shell
+        drops its contract messages, so none could be signed); the energy is open again.
+        The outcome lists it under ``excluded``.
+
+        Args:
+            peer_id: the liar.
+            now: current time [s].
+
+        Returns:
+            What the exclusion unblocks: the rounds that waited only for the liar, or
+            the report when finishing waited only for it. [] for a peer that is not a
+            neighbour, one already excluded, or once this peer has finished.
+        """
+        peer = self._peers.get(peer_id)
+        if peer is None or peer_id in self.excluded or self.done:
+            return []
+        self.excluded.add(peer_id)
+        cut = max(1, min(self._heard.get(peer_id, 0), self.round, self._gone_notices.get(peer_id, self.round)))
+        peer.until = min(peer.until, cut - 1)
+        peer.noticed = True  # its notices no longer count
+        if self.round >= 1:  # (a notice must name an earlier round than the message carrying it)
+            self._gone_notices.setdefault(peer_id, cut)
+        self._doubts.pop(peer_id, None)  # our grants to it are void: nothing left in doubt
+        voided = [d for d in self.deals if d.counterparty == peer_id]
+        self.deals = [d for d in self.deals if d.counterparty != peer_id]
+        for requests in self._requests.values():
+            requests.pop(peer_id, None)
+        for inbox in self._inbox.values():
+            inbox.pop(peer_id, None)
+        logger.warning(
+            "%s: %s proven to equivocate: gone from round %d on, all %d deal(s) with it void (%+g kWh)",
+            self.peer_id, peer_id, cut, len(voided), math.fsum(d.kwh for d in voided),
+        )  # fmt: skip
+        if not self._started:
+            return []
+        if self._closing:
+            return [] if self._doubts else self._finish()
+        self._update_missing()
         return self._complete_ready(now)
 
     def next_deadline(self) -> float | None:
@@ -820,6 +890,7 @@ class NegotiationPeer:
         self.outcome = PeerOutcome(
             self.peer_id, self._stop_reason != "max_rounds", self.round, net, community_import,
             grid_import, payment, cost, standalone_cost(self.spec, self._grid), self._trades(),
+            tuple(sorted(self.excluded)),
         )  # fmt: skip
         logger.debug("%s: finished at round %d (%s)", self.peer_id, self.round, self._stop_reason)
         return [Outgoing("report", REPORT_TYPE, self.outcome.to_body())]
