@@ -76,6 +76,16 @@ class BrokerConnectionError(WattmeshError):
 _TLS_SCHEMES = ("mqtts", "ssl")
 
 
+def _lie(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The equivocation drill's second version of a round body: ADMM trades (``t``) or a
+    negotiation quote (``qty``) raised; None for a body it has nothing to change in."""
+    if isinstance(body.get("t"), dict):
+        return {**body, "t": {j: 2.0 * float(t) + 0.5 for j, t in body["t"].items()}}
+    if isinstance(body.get("qty"), float):
+        return {**body, "qty": 2.0 * body["qty"] + 0.5}
+    return None
+
+
 def parse_url(url: str) -> tuple[str, int]:
     """``mqtt://host:port`` (or ``host:port``, or ``mqtts://host:port`` for TLS) -> (host, port).
 
@@ -414,9 +424,8 @@ class PeerConnection:
         topic = self.topics.of(channel, to if channel == "inbox" else self.peer_id)
         await self._publish_frame(topic, frame, _QOS[channel], retain)
         lie_at = self._lie_round
-        if lie_at is not None and channel == "market" and body.get("k") == lie_at and isinstance(body.get("t"), dict):
-            # the drill: the same round signed again, offering every neighbour more
-            lie = {**body, "t": {j: 2.0 * float(t) + 0.5 for j, t in body["t"].items()}}
+        if lie_at is not None and channel == "market" and body.get("k") == lie_at and (lie := _lie(body)):
+            # the drill: the same round signed again, saying something else
             await self._publish_frame(topic, self._frame(type, lie, seq=self._sequence.next()), _QOS[channel], retain)
 
     async def announce(self) -> None:

@@ -1,10 +1,11 @@
 """A lying peer over Mosquitto: proven, reported on telemetry, excluded; the others finish.
 
-Five homes as worker processes; one runs the equivocation drill (it signs a second,
-different round-3 message). Its neighbours read both frames on its market topic,
-publish the two signed frames as a proof on the telemetry topic, stop trading with it
-and finish among themselves with signed contracts; the liar, answered by nobody, fails
-by its own neighbour deadline.
+Five homes as worker processes, in an ADMM and in a negotiation market; one runs the
+equivocation drill (it signs a second, different round-3 message). Its neighbours read
+both frames on its market topic, publish the two signed frames as a proof on the
+telemetry topic, stop trading with it and finish among themselves with signed
+contracts. The ADMM liar, answered by nobody, fails by its own neighbour deadline; the
+negotiation liar reads its neighbours' gone-notices and ends with no deal.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ TIMEOUT_S = 90.0
 
 
 @pytest.mark.mosquitto
+@pytest.mark.parametrize("mechanism", ["admm", "negotiation"])
 async def test_a_liar_is_proven_reported_and_excluded_and_the_rest_settles(
-    mosquitto_broker: BrokerHandle, tmp_path: Path
+    mosquitto_broker: BrokerHandle, tmp_path: Path, mechanism: str
 ) -> None:
     # GIVEN five homes, one of which will equivocate in round 3
     text = random_community(5, 7, name="liars", admm="round_timeout_s = 1.0\nneighbour_timeout_s = 8.0")
+    text = text.replace('mechanism = "admm"', f'mechanism = "{mechanism}"').replace(
+        "[market.admm]", f"[market.{mechanism}]"
+    )
     scenario = parse_scenario(text)
     public = scenario.public
     keys = {pid: generate_key(tmp_path / f"{pid}.key") for pid in [*public.peer_ids, "watcher"]}
@@ -77,8 +82,12 @@ async def test_a_liar_is_proven_reported_and_excluded_and_the_rest_settles(
 
     logs = {pid: (tmp_path / f"{pid}.log").read_text() for pid in public.peer_ids}
     honest = [pid for pid in public.peer_ids if pid != LIAR]
-    # THEN the honest peers finished and the liar failed by its own deadline
-    assert dict(zip(public.peer_ids, codes, strict=True)) == {pid: 0 if pid != LIAR else 1 for pid in public.peer_ids}, logs
+    # THEN the honest peers finished; in ADMM the liar failed by its own deadline (its
+    # neighbours finished without it), in negotiation it read their gone-notices and ended
+    exits = dict(zip(public.peer_ids, codes, strict=True))
+    assert {pid: exits[pid] for pid in honest} == dict.fromkeys(honest, 0), logs
+    if mechanism == "admm":
+        assert exits[LIAR] == 1, logs[LIAR]
     # AND each honest peer published a proof that anyone with the roster can check
     reporters = {pid for pid in honest if "equivocated" in logs[pid]}
     assert reporters == set(honest), logs
