@@ -156,3 +156,24 @@ def test_console_script_reports_a_broken_scenario_without_traceback(tmp_path: Pa
     assert child.returncode == 2
     assert "Traceback" not in child.stderr
     assert child.stderr == f"wattmesh: {path}: peers[1].neighbors: unknown peer 'h9'\n"
+
+
+BROKEN_CORPUS = sorted((Path(__file__).parents[1] / "protocols" / "broken_scenarios").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", BROKEN_CORPUS, ids=lambda p: p.stem)
+def test_every_broken_scenario_of_the_corpus_is_one_line_and_exit_2_from_the_command(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a scenario file with one mistake (tests/protocols/broken_scenarios)
+    expected = path.read_text(encoding="utf-8").splitlines()[0].removeprefix("# expect: ")
+    out = tmp_path / "result.json"
+    # WHEN `wattmesh run` is given it
+    code = main(["run", str(path), "--out", str(out)])
+    # THEN it exits 2 with one line naming the file and the mistake, and starts nothing
+    captured = capsys.readouterr()
+    assert code == 2
+    line = _the_one_error_line(captured.err)
+    assert line.startswith(f"wattmesh: {path}") and expected in line
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not out.exists()
