@@ -511,6 +511,13 @@ class PeerConnection:
             raise BrokerConnectionError("connection to the broker was lost")
         raise TimeoutError
 
+    def receive_nowait(self) -> Incoming | None:
+        """The next verified message already queued, or None: never waits."""
+        try:
+            return self._inbox.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     @property
     def presence(self) -> Mapping[str, bool]:
         """Peer id -> online, from the latest verified presence frame of each peer."""
@@ -547,6 +554,21 @@ class PeerConnection:
                 raise TimeoutError(f"{len(missing)} peer(s) not online after {timeout:g} s: {shown}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._presence.changed.wait(), remaining)
+
+    async def wait_presence_known(self, peers: Iterable[str], timeout: float) -> set[str]:
+        """Wait until a presence frame (birth or Will) of each peer has arrived, at most
+        ``timeout`` seconds; returns the peers still unknown (never announced: offline)."""
+        wanted = set(peers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while unknown := {p for p in wanted if p not in self._presence.online}:
+            self._presence.changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return unknown
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._presence.changed.wait(), remaining)
+        return set()
 
     async def _read(self) -> None:
         """Verify and queue every incoming frame; on a lost connection, reconnect (if

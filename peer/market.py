@@ -47,6 +47,9 @@ READY_INTERVAL_S = 1.0
 READY_MAX_INTERVAL_S = 8.0
 FAILED_TYPE = "session.failed"
 CONTRACT_PREFIX = "contract."
+PRESENCE_WAIT_S = 5.0
+"""How long a peer waits for a silent neighbour's retained presence before taking it
+for never announced (offline) [s]."""
 RECONNECT_S = 60.0
 """How long a peer keeps reconnecting to a lost broker [s]. Its market fails anyway once
 neighbours are silent for ``neighbour_timeout_s``; this bounds the other waits."""
@@ -194,6 +197,7 @@ class _Session:
         self.detector = EquivocationDetector()
         self.liars: set[str] = set()
         self._ready_answered = -READY_INTERVAL_S
+        self._watched: set[str] = set()  # neighbours whose presence topic we subscribed
         self._loop = asyncio.get_running_loop()
 
     async def run_market(self, early: list[Incoming]) -> None:
@@ -219,11 +223,25 @@ class _Session:
 
     async def _tick(self) -> None:
         """The core's timer: re-sends, or giving up neighbours gone for good (a round
-        completed without them is journaled before its message leaves)."""
+        completed without them is journaled before its message leaves).
+
+        What is already queued is read first (bounded by the queue's length now): a
+        neighbour whose message waits in our own backlog is not silent.
+        """
+        for _ in range(self.conn.pending):
+            if self.core.done:
+                return  # the rest is for the settlement and the linger
+            queued = self.conn.receive_nowait()
+            if queued is None:
+                break
+            await self._dispatch(queued)
+        if self.core.done:
+            return
         deaf_until = getattr(self.core, "deaf_until", None)
         if deaf_until is not None:
             # while our own connection was down we heard nobody: not their silence
             deaf_until(self._loop.time() if not self.conn.connected else self.conn.connected_at)
+            await self._look_up_presence()
         before = set(getattr(self.core, "excluded", ()))
         outgoing = self.core.on_timer(self._loop.time())
         if gone := sorted(set(getattr(self.core, "excluded", ())) - before):
@@ -231,6 +249,18 @@ class _Session:
         if self.journal is not None:
             self.journal.record(self.core)
         await _send(self.conn, outgoing)
+
+    async def _look_up_presence(self) -> None:
+        """Tell the core which of its long-silent neighbours are offline. Their presence
+        topics are subscribed only now, when one falls silent (the retained birth or Will
+        answers at once): watching every neighbour from the start costs a subscription
+        and a verified birth per link, which a busy broker makes people wait for."""
+        silent = self.core.silent_neighbours(self._loop.time())  # type: ignore[attr-defined]
+        if new := [j for j in silent if j not in self._watched]:
+            self._watched.update(new)
+            await self.conn.subscribe("presence", new)
+            await self.conn.wait_presence_known(new, PRESENCE_WAIT_S)
+        self.core.neighbours_offline({j for j in self._watched if not self.conn.online(j)})  # type: ignore[attr-defined]
 
     async def settle(self, settlement: Settlement) -> None:
         """Sign every trade's contract; ends when none is open (each has a deadline)."""

@@ -48,7 +48,9 @@ nudges it to re-send in turn.
 
 Gone for good: after ``neighbour_timeout_s`` T without progress a peer looks at the
 neighbours whose round message it still lacks. One it has heard *nothing* from for T
-(no round message, no re-send) is gone: the peer excludes it (trade fixed at 0 kWh from
+(no round message, no re-send) and whose presence says offline (its Last Will, or no
+birth at all: :meth:`AdmmPeer.neighbours_offline`, from the shell) is gone: the peer
+excludes it (trade fixed at 0 kWh from
 this round, no contract) and the round completes without it, provided the public link
 graph without the excluded peers still has a diameter within the stop vote's horizon;
 every neighbour of the gone peer computes the same condition, so the AND-vote still
@@ -56,10 +58,12 @@ reaches every remaining peer and they all stop on the same round. When the graph
 be too wide, the session fails instead, and so does every peer that reads a
 neighbour's ``session.failed`` (:meth:`AdmmPeer.neighbour_failed`). A silent neighbour
 that has published its report finished without us (it excluded us, e.g. as a liar):
-the session fails. A neighbour heard within T is alive but stuck (it waits for someone
-else, e.g. a neighbour of the gone peer, and re-sends its round after
-``round_timeout_s`` ≤ T/2): the peer waits for it, and fails after 2T without
-progress. So does a peer whose own broker connection was down (the shell calls
+the session fails. A neighbour heard within T, or still online, is alive but stuck
+(it waits for someone else, e.g. a neighbour of the gone peer, and re-sends its round
+after ``round_timeout_s`` ≤ T/2; or its host is overloaded): the peer waits for it, and
+fails after 2T without progress. Both signals are needed: silence alone is what an
+overloaded peer sees of neighbours whose messages sit unread in its own queue, and a
+peer briefly offline may be restarting. So does a peer whose own broker connection was down (the shell calls
 :meth:`AdmmPeer.deaf_until`): silence it could not hear proves nothing. Round 1 waits longer (``start(start_grace_s=…)``: neighbours may still be
 starting; the grace postpones giving up only, not the re-sends, or one lost round-1
 message would stall the market for the whole grace).
@@ -344,6 +348,7 @@ class AdmmPeer:
         self._heard = dict.fromkeys(self.neighbours, 0.0)  # last round message of any k [s]
         self._hold_until = -math.inf  # a stuck but live neighbour is waited for until then
         self._finished: set[str] = set()  # neighbours that reported (left the market)
+        self._offline: set[str] = set()  # neighbours whose presence says offline (shell)
         self.outcome: PeerOutcome | None = None
         self.failure: str | None = None
         self.excluded: set[str] = set()  # neighbours proven to equivocate, or gone for good
@@ -441,6 +446,21 @@ class AdmmPeer:
         if peer_id in self._slot and peer_id not in self.excluded and not self.done:
             self.failure = f"neighbour {peer_id} gave up the session"
 
+    def silent_neighbours(self, now: float) -> list[str]:
+        """The neighbours this round waits for that have been silent for
+        ``neighbour_timeout_s``, once the round is overdue; [] before. The shell looks
+        up their presence (:meth:`neighbours_offline`) before calling :meth:`on_timer`."""
+        if self.done or now < self._give_up_at():
+            return []
+        timeout = self.settings.neighbour_timeout_s
+        waiting = set(self.neighbours) - self.excluded - set(self._received(self.round))
+        return sorted(j for j in waiting if now - self._heard[j] >= timeout)
+
+    def neighbours_offline(self, peers: set[str] | frozenset[str]) -> None:
+        """The neighbours whose presence says offline (Last Will, or never announced),
+        as far as the shell knows. Without it nobody is gone."""
+        self._offline = set(peers) & set(self._slot)
+
     def deaf_until(self, now: float) -> None:
         """This peer could hear nobody until ``now`` (its own broker connection was
         down): a neighbour's silence before then says nothing about the neighbour."""
@@ -496,12 +516,12 @@ class AdmmPeer:
         (see the module docstring), wait a while longer for live ones, or fail."""
         timeout = self.settings.neighbour_timeout_s
         waiting = sorted(set(self.neighbours) - self.excluded - set(self._received(self.round)))
-        gone = [j for j in waiting if now - self._heard[j] >= timeout]
-        live = [j for j in waiting if j not in gone]
-        out: list[Outgoing] = []
-        if left := [j for j in gone if j in self._finished]:
+        silent = [j for j in waiting if now - self._heard[j] >= timeout]
+        if left := [j for j in silent if j in self._finished]:
             self.failure = f"{', '.join(left)} finished the market without us (no round-{self.round} message)"
             return []
+        gone = [j for j in silent if j in self._offline]
+        out: list[Outgoing] = []
         if gone:
             remaining = {
                 p: tuple(q for q in links if q not in self.excluded and q not in gone)
@@ -517,15 +537,18 @@ class AdmmPeer:
             for j in gone:
                 self._drop_link(j)
             out = self._progress(now)
-        if self.done or (gone and not live):
+        live = [j for j in waiting if j not in gone]
+        if self.done or not live:
             return out
-        if not live or now >= self._base_time() + 2 * timeout:
+        if now >= self._base_time() + 2 * timeout:
             self.failure = (
                 f"no round-{self.round} message from {', '.join(live)} within {2 * timeout:g} s "
-                f"(not silent: waiting for someone else, or our broker connection was down)"
+                f"(still online or heard lately: waiting for someone else, or overloaded)"
             )
             return out
-        self._hold_until = min(self._heard[j] for j in live) + timeout
+        # look again when a live one may have fallen silent long enough, or gone offline
+        lately = [self._heard[j] + timeout for j in live if now - self._heard[j] < timeout]
+        self._hold_until = min([*lately, now + self.settings.round_timeout_s])
         return out
 
     # ------------------------------------------------------------------ restart

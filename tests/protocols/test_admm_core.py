@@ -326,7 +326,8 @@ def test_round_timeout_republishes_then_a_silent_neighbour_is_excluded_at_the_ne
     # ... until the neighbour timeout, which the backoff never postpones
     assert a.next_deadline() == pytest.approx(NEIGHBOUR_TIMEOUT)
     assert not a.done
-    # WHEN the neighbour timeout passes without a word from c (gone for good)
+    # WHEN the neighbour timeout passes without a word from c, whose presence says offline
+    a.neighbours_offline({"c"})
     out = a.on_timer(NEIGHBOUR_TIMEOUT)
     # THEN a excludes c (and only c) and completes round 1 with b alone
     # (tests/protocols/test_admm_gone_peer.py runs whole markets through this)

@@ -77,6 +77,7 @@ class EventNetwork:
                 self._spread_failure(receiver)
             else:
                 self.now = due
+                self.cores[pid].neighbours_offline(self.dead)  # presence: their Last Will
                 self.publish(pid, self.cores[pid].on_timer(due))
                 self._spread_failure(pid)
             assert self.now <= until, "the network hung"
@@ -174,11 +175,11 @@ def test_a_live_but_stuck_neighbour_is_waited_for_then_the_session_fails_at_twic
     a.receive(envelope("h002", round1["h002"]), 45.0)
     a.on_timer(20.0 + TIMEOUT)
     assert not a.excluded and not a.done
-    # AND at twice the timeout without progress it gives up, naming c as not silent
+    # AND at twice the timeout without progress it gives up, naming c
     a.on_timer(2 * TIMEOUT - 0.1)
     assert not a.done
     assert a.on_timer(2 * TIMEOUT) == []
-    assert a.failure is not None and "h002" in a.failure and "not silent" in a.failure
+    assert a.failure is not None and "h002" in a.failure and "still online or heard lately" in a.failure
     assert not a.excluded
 
 
@@ -189,7 +190,8 @@ def test_a_neighbour_silent_since_the_start_is_excluded_after_the_start_grace() 
     b_first = net.cores["h001"].start(0.0)
     a.start(0.0, start_grace_s=60.0)
     a.receive(Envelope(ROUND_TYPE, "h001", "mute", "s", 1, 0, b_first[0].body), 0.1)
-    # THEN a waits the grace and one timeout before giving c up ...
+    # THEN a waits the grace and one timeout before giving c (offline) up ...
+    a.neighbours_offline({"h002"})
     a.on_timer(60.0 + TIMEOUT - 0.1)
     assert not a.excluded and a.round == 1
     out = a.on_timer(60.0 + TIMEOUT)
@@ -222,7 +224,8 @@ def test_silence_while_our_own_connection_was_down_does_not_make_a_neighbour_gon
     b_first = net.cores["h001"].start(0.0)
     a.start(0.0)
     a.receive(Envelope(ROUND_TYPE, "h001", "deaf", "s", 1, 0, b_first[0].body), 0.1)
-    # WHEN a's broker connection was down until t = 25 s (the shell says so)
+    # WHEN a's broker connection was down until t = 25 s (the shell says so), c offline
+    a.neighbours_offline({"h002"})
     a.deaf_until(25.0)
     a.deaf_until(5.0)  # an older outage changes nothing
     # THEN at the neighbour timeout c is not taken for gone: a waits until 25 s + timeout
@@ -230,6 +233,32 @@ def test_silence_while_our_own_connection_was_down_does_not_make_a_neighbour_gon
     assert not a.excluded and not a.done
     a.on_timer(25.0 + TIMEOUT - 0.1)
     assert not a.excluded and not a.done
-    # AND if c stays silent that long after the reconnection, it is gone
+    # AND if c (offline) stays silent that long after the reconnection, it is gone
+    a.neighbours_offline({"h002"})
     a.on_timer(25.0 + TIMEOUT)
+    assert a.excluded == {"h002"} and a.round == 2
+
+
+def test_a_silent_neighbour_that_is_still_online_is_not_gone() -> None:
+    # GIVEN a triangle where c is silent since the start but its presence says online
+    # (an overloaded host, or its messages wait unread in a's own backlog)
+    net = EventNetwork(parse_scenario(random_community(3, 4, name="busy", admm=ADMM)))
+    a = net.cores["h000"]
+    b_first = net.cores["h001"].start(0.0)
+    a.start(0.0)
+    a.receive(Envelope(ROUND_TYPE, "h001", "busy", "s", 1, 0, b_first[0].body), 0.1)
+    a.neighbours_offline(set())
+    # THEN the shell is asked to look up c's presence only once the round is overdue
+    assert a.silent_neighbours(TIMEOUT - 0.1) == []
+    assert a.silent_neighbours(TIMEOUT) == ["h002"]
+    # WHEN the neighbour timeout passes, and a while longer
+    a.on_timer(TIMEOUT)
+    a.on_timer(1.5 * TIMEOUT)
+    # THEN a keeps waiting for c, looking again one round timeout (2 s) later
+    assert not a.excluded and not a.done
+    # AND if c goes offline meanwhile, it is gone at that next look
+    a.neighbours_offline({"h002"})
+    a.on_timer(1.5 * TIMEOUT + 1.9)
+    assert not a.excluded
+    a.on_timer(1.5 * TIMEOUT + 2.0)
     assert a.excluded == {"h002"} and a.round == 2

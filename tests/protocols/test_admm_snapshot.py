@@ -228,6 +228,7 @@ def test_the_start_grace_postpones_giving_up_but_not_the_round_one_resends() -> 
     assert core.next_deadline() == pytest.approx(0.5)
     assert core.on_timer(0.5) == first
     # AND its silent neighbours are given up only after the grace plus the neighbour timeout
+    core.neighbours_offline(set(core.neighbours))
     core.on_timer(89.9)  # (re-sends, backing off)
     assert not core.excluded and core.round == 1
     core.on_timer(90.0)
