@@ -108,7 +108,10 @@ async def run_scenario(scenario: Scenario, options: RunOptions) -> dict[str, Any
     groups = [ids[i : i + options.peers_per_process] for i in range(0, len(ids), options.peers_per_process)]
     # Start-up (interpreter, imports, one connection per peer) dominates on 2 cores:
     # measured ~25 s for 500 peers in 20 processes on an idle machine; keep 4× margin.
-    start_timeout = max(60.0, 2.0 * len(groups) + 0.2 * len(ids))
+    # Dense communities also subscribe two topics and verify barrier readies per link:
+    # 200 peers on a complete graph (39,800 links) did not all start within 60 s.
+    links = sum(len(v) for v in public.links.values())
+    start_timeout = max(60.0, 2.0 * len(groups) + 0.2 * len(ids) + 0.002 * links)
     started = time.monotonic()
     monitor = MonitorState(expected_peers=len(ids), roster=roster, community=public.name)
 

@@ -196,7 +196,7 @@ class _Session:
         self._market_ran = False
         self.detector = EquivocationDetector()
         self.liars: set[str] = set()
-        self._ready_answered = -READY_INTERVAL_S
+        self._ready_answered: dict[str, float] = {}  # neighbour -> when we last answered its ready
         self._watched: set[str] = set()  # neighbours whose presence topic we subscribed
         self._loop = asyncio.get_running_loop()
 
@@ -301,18 +301,22 @@ class _Session:
                 return  # an answer to someone's barrier ready; answering it would ping-pong
             # A neighbour still at the start barrier. It hears our rounds, unless one was
             # lost (an injected drop, or it restarted before it had a snapshot): a
-            # resumable core re-sends now, at most once per READY_INTERVAL_S. It may not
-            # have heard us at all: our ready can leave before it subscribed, and a peer
-            # that only ever answers (a stackelberg follower) sends nothing else on its
-            # market topic: answer with a ready of our own, marked as an answer.
+            # resumable core re-sends them. It may not have heard us at all: our ready can
+            # leave before it subscribed, and a peer that only ever answers (a stackelberg
+            # follower) sends nothing else on its market topic: answer with a ready of
+            # our own, marked as an answer. Both go to its inbox alone, at most once per
+            # READY_INTERVAL_S per neighbour: broadcast on our market topic, each answer
+            # cost every neighbour a signature check, and at N = 200 on a complete graph
+            # the answers to the peers still starting outgrew what two cores can verify.
+            sender = envelope.sender
             now = self._loop.time()
-            if now - self._ready_answered < READY_INTERVAL_S:
+            if now - self._ready_answered.get(sender, -READY_INTERVAL_S) < READY_INTERVAL_S:
                 return
-            self._ready_answered = now
+            self._ready_answered[sender] = now
             resume = getattr(self.core, "resume", None)
             if self._market_ran and incoming.channel == "market" and resume is not None:
-                await _send(self.conn, resume(now))
-            await self.conn.publish("market", READY_TYPE, {"answer": True})
+                await _send(self.conn, [Outgoing("inbox", o.type, o.body, to=sender) for o in resume(now)])
+            await self.conn.publish("inbox", READY_TYPE, {"answer": True}, to=sender)
             return
         if envelope.sender in self.liars:
             self.conn.drops["excluded"] += 1
@@ -375,8 +379,8 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
 
     Each peer publishes ``market.ready`` on its market topic once subscribed, and again
     after 1, 2, 4, 8, 8 … s until it has heard from every neighbour. Hearing anything from a
-    neighbour on its market topic proves it subscribed to ours before sending it, so
-    our round-1 message will reach it. This relies on no broker feature (retained
+    neighbour on its market topic or in our inbox (a started peer answers there) proves
+    it subscribed to ours before sending it, so our round-1 message will reach it. This relies on no broker feature (retained
     births proved lossy on amqtt) and costs a few small messages while waiting.
 
     Raises:
@@ -403,7 +407,7 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
             incoming = await conn.receive(min(next_ready, deadline) - now)
         except TimeoutError:
             continue
-        if incoming.channel == "market":
+        if incoming.channel in ("market", "inbox"):
             heard.add(incoming.envelope.sender)
         if incoming.envelope.type != READY_TYPE:
             early.append(incoming)
