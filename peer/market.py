@@ -380,8 +380,9 @@ async def _start_barrier(conn: PeerConnection, neighbours: tuple[str, ...], time
     Each peer publishes ``market.ready`` on its market topic once subscribed, and again
     after 1, 2, 4, 8, 8 … s until it has heard from every neighbour. Hearing anything from a
     neighbour on its market topic or in our inbox (a started peer answers there) proves
-    it subscribed to ours before sending it, so our round-1 message will reach it. This relies on no broker feature (retained
-    births proved lossy on amqtt) and costs a few small messages while waiting.
+    it subscribed to ours before sending it, so our round-1 message will reach it. This
+    relies on no broker feature (retained births proved lossy on amqtt) and costs a few
+    small messages while waiting.
 
     Raises:
         TimeoutError: naming the neighbours never heard from.
