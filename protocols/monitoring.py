@@ -199,13 +199,20 @@ class MonitorState:
         latest = self._summary(max(complete)) if complete else None
         expected = self.expected_peers or (len(in_market) or None)
         finished = len(self.reports)
-        settled = expected is not None and finished >= expected
+        # a peer without a report is done with too when it failed, or when its
+        # neighbours' reports say they excluded it (gone for good, or a liar)
+        excluded = {j for r in self.reports.values() for j in r.get("excluded", ())}
+        left_out = sorted(({p for p, s in self.peers.items() if s.failed} | excluded) - set(self.reports))
+        settled = expected is not None and finished > 0 and finished + len(left_out) >= expected
         line = None
         if settled:
             cost = sum(float(r["cost"]) for r in self.reports.values())
             iterations = max(int(r["iterations"]) for r in self.reports.values())
             state = "converged" if all(r.get("converged") for r in self.reports.values()) else "stopped unconverged"
             line = f"market settled: {state} at iteration {iterations}, social cost {cost:.4f}"
+            if left_out:
+                shown = ", ".join(left_out[:5]) + (" …" if len(left_out) > 5 else "")
+                line += f", without {shown}"
         share = latest.converged_share if latest else 0.0
         return Snapshot(
             self.session, current, expected, sum(s.online for s in self.peers.values()), late,

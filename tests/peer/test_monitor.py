@@ -88,3 +88,29 @@ async def test_monitor_follows_a_real_run_from_outside(tmp_path: Path) -> None:
     assert history[-1].converged_share == pytest.approx(1.0)
     assert history[-1].social_cost == pytest.approx(result["social_cost"], rel=1e-6, abs=1e-9)
     assert "market settled" in screen.getvalue()
+
+
+def test_the_market_settles_without_a_peer_its_neighbours_excluded() -> None:
+    # GIVEN three peers of which c died: a and b report, each having excluded c
+    state = MonitorState(expected_peers=3)
+    for i, peer in enumerate(("a", "b", "c")):
+        state.observe("telemetry", _status(peer, 1, 0.1, False, 10 + i), now=1.0)
+    for i, peer in enumerate(("a", "b")):
+        report = {"converged": True, "iterations": 9, "cost": 1.0, "excluded": ["c"]}
+        state.observe("report", Envelope("admm.report", peer, "street", "s1", 100 + i, 0, report), now=5.0)
+    # WHEN the monitor looks
+    snapshot = state.snapshot(now=5.0)
+    # THEN the market is settled, without c, and the line says so
+    assert snapshot.settled and snapshot.finished == 2
+    assert snapshot.settled_line == "market settled: converged at iteration 9, social cost 2.0000, without c"
+
+
+def test_the_market_is_not_settled_while_a_peer_is_neither_reported_nor_excluded() -> None:
+    # GIVEN three peers, two reported and excluded nobody
+    state = MonitorState(expected_peers=3)
+    for i, peer in enumerate(("a", "b")):
+        report = {"converged": True, "iterations": 9, "cost": 1.0, "excluded": []}
+        state.observe("report", Envelope("admm.report", peer, "street", "s1", 100 + i, 0, report), now=5.0)
+    # THEN the third is still awaited
+    snapshot = state.snapshot(now=5.0)
+    assert not snapshot.settled and snapshot.settled_line is None
