@@ -104,6 +104,7 @@ __all__ = [
     "LocalSolution",
     "Outgoing",
     "PeerOutcome",
+    "best_net_demand",
     "create",
     "solve_local_step",
     "standalone_cost",
@@ -279,7 +280,7 @@ def standalone_cost(spec: PeerSpec, grid: tuple[float, float] | None) -> float |
     return spec.cost(g) + (buy * g if g > 0 else sell * g)
 
 
-def _best_net_demand(spec: PeerSpec, grid: tuple[float, float], community_import: float) -> float:
+def best_net_demand(spec: PeerSpec, grid: tuple[float, float], community_import: float) -> float:
     """argmin_y C(y) + grid(y − q) over [min, max], for a fixed community import q [kWh].
 
     Substituting y = q + g turns it into the grid-only problem of a shifted cost
@@ -809,7 +810,7 @@ class AdmmPeer:
             # The last local step balanced y against t_ij, not against the agreed z_ij;
             # keeping that y would push the difference into the grid at full tariff.
             # Best response to the agreed trades instead: min C(y) + grid(y − q).
-            net = _best_net_demand(self.spec, self._grid, community_import)
+            net = best_net_demand(self.spec, self._grid, community_import)
             grid_import = net - community_import
         payment = float((self.price * fixed).sum())
         fees = float((self._half_fee * np.abs(fixed)).sum())

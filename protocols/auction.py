@@ -85,6 +85,7 @@ from typing import Any, TypeGuard
 import msgpack
 
 from wattmesh.protocols.admm import standalone_cost
+from wattmesh.protocols.demand import best_net_demand_at_tariff, demand_bounds
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
@@ -214,28 +215,6 @@ def _parse_blocks(value: object, sell: float, buy: float, max_blocks: int, *, de
     return tuple(blocks)
 
 
-def _demand_interval(spec: PeerSpec, price: float) -> tuple[float, float]:
-    """argmin_y C(y) + price·y on [min, max]: a point, or all of it for a linear cost at −b."""
-    a, b = spec.cost_quadratic, spec.cost_linear
-    if a > 0:
-        y = min(max((-price - b) / a, spec.min_kwh), spec.max_kwh)
-        return y, y
-    if price < -b:
-        return spec.max_kwh, spec.max_kwh
-    if price > -b:
-        return spec.min_kwh, spec.min_kwh
-    return spec.min_kwh, spec.max_kwh
-
-
-def _best_net_demand(spec: PeerSpec, buy: float, sell: float, community_import: float) -> float:
-    """argmin_y C(y) + grid(y − q) for a fixed community import q [kWh], sell ≤ buy.
-
-    The convex objective has slope C′(y) + buy above q and C′(y) + sell below it, so
-    y* = max(lo(buy), min(q, hi(sell))) with [lo(p), hi(p)] = argmin C(y) + p·y.
-    """
-    return max(_demand_interval(spec, buy)[0], min(community_import, _demand_interval(spec, sell)[1]))
-
-
 def _merge(blocks: Iterable[Block]) -> tuple[Block, ...]:
     """Join neighbouring blocks of equal price; drop empty ones."""
     merged: list[list[float]] = []
@@ -266,8 +245,8 @@ def build_order(spec: PeerSpec, buy: float, sell: float, half_fee: float, steps:
 
     bids: list[Block] = []
     if spec.role != "seller" and buy - h >= sell:
-        must = max(0.0, _demand_interval(spec, buy)[1])  # bought from the grid anyway
-        most = max(must, _demand_interval(spec, sell + h)[1])  # bought at the band's floor
+        must = max(0.0, demand_bounds(spec, buy)[1])  # bought from the grid anyway
+        most = max(must, demand_bounds(spec, sell + h)[1])  # bought at the band's floor
         bids.append((buy - h, must))
         for k in range(1, steps + 1):
             lo_q = must + (most - must) * (k - 1) / steps
@@ -276,8 +255,8 @@ def build_order(spec: PeerSpec, buy: float, sell: float, half_fee: float, steps:
             bids.append((limit, hi_q - lo_q))
     asks: list[Block] = []
     if spec.role != "buyer" and sell + h <= buy:
-        must = max(0.0, -_demand_interval(spec, sell)[0])  # sold to the grid anyway
-        most = max(must, -_demand_interval(spec, buy - h)[0])  # sold at the band's ceiling
+        must = max(0.0, -demand_bounds(spec, sell)[0])  # sold to the grid anyway
+        most = max(must, -demand_bounds(spec, buy - h)[0])  # sold at the band's ceiling
         asks.append((sell + h, must))
         for k in range(1, steps + 1):
             lo_q = must + (most - must) * (k - 1) / steps
@@ -714,7 +693,7 @@ class AuctionPeer:
                     trades[buyer] = (-kwh, self.clearing.price)
         trades = dict(sorted(trades.items()))
         community_import = sum(kwh for kwh, _ in trades.values())
-        net = _best_net_demand(self.spec, self._buy, self._sell, community_import)
+        net = best_net_demand_at_tariff(self.spec, self._buy, self._sell, community_import)
         grid_import = net - community_import
         payment = sum(kwh * price for kwh, price in trades.values())
         fees = sum(0.5 * self._public.fee(me, j) * abs(kwh) for j, (kwh, _) in trades.items())

@@ -78,12 +78,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from wattmesh.protocols.admm import solve_local_step, standalone_cost
+from wattmesh.protocols.admm import best_net_demand, standalone_cost
+from wattmesh.protocols.demand import demand_bounds
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.rounds import RoundTimer
@@ -145,19 +144,6 @@ def metropolis_weight(degree_i: int, degree_j: int) -> float:
     return 1.0 / (1.0 + max(degree_i, degree_j))
 
 
-def _net_demand_range(spec: PeerSpec, price: float) -> tuple[float, float]:
-    """argmin_y C(y) + price·y on [min, max], as an interval (a segment only where a = 0)."""
-    a, b = spec.cost_quadratic, spec.cost_linear
-    if a > 0:
-        y = min(max((-price - b) / a, spec.min_kwh), spec.max_kwh)
-        return y, y
-    if price < -b:
-        return spec.max_kwh, spec.max_kwh
-    if price > -b:
-        return spec.min_kwh, spec.min_kwh
-    return spec.min_kwh, spec.max_kwh
-
-
 def position_range(
     spec: PeerSpec, grid: tuple[float, float] | None, price_low: float, price_high: float
 ) -> tuple[float, float]:
@@ -175,8 +161,8 @@ def position_range(
         grid: (buy_price, sell_price) or None.
         price_low, price_high: the price segment [currency/kWh], low <= high.
     """
-    low_q = _net_demand_range(spec, price_high)[0]
-    high_q = _net_demand_range(spec, price_low)[1]
+    low_q = demand_bounds(spec, price_high)[0]
+    high_q = demand_bounds(spec, price_low)[1]
     if grid is not None:
         buy, sell = grid
         if price_high >= buy:
@@ -186,20 +172,6 @@ def position_range(
     role_low = 0.0 if spec.role == "buyer" else -math.inf
     role_high = 0.0 if spec.role == "seller" else math.inf
     return min(max(low_q, role_low), role_high), min(max(high_q, role_low), role_high)
-
-
-def _best_net_demand(spec: PeerSpec, grid: tuple[float, float], community_import: float) -> float:
-    """argmin_y C(y) + grid(y − q) over [min, max] for a fixed community import q [kWh].
-
-    The grid-only problem of the shifted cost a/2·g² + (b + a·q)·g on [min − q, max − q].
-    """
-    q = community_import
-    shifted = replace(
-        spec, cost_linear=spec.cost_linear + spec.cost_quadratic * q,
-        min_kwh=spec.min_kwh - q, max_kwh=spec.max_kwh - q,
-    )  # fmt: skip
-    empty = np.zeros(0)
-    return q + solve_local_step(shifted, grid, empty, empty, empty, empty, empty, empty).net_demand
 
 
 def _is_int(value: object) -> bool:
@@ -492,7 +464,7 @@ class ConsensusPeer:
             net, grid_import = community_import, 0.0
         else:
             # best response to the routed import: min C(y) + grid(y − q), private
-            net = _best_net_demand(self.spec, self._grid, community_import)
+            net = best_net_demand(self.spec, self._grid, community_import)
             grid_import = net - community_import
         prices = self._link_prices(price)
         payment = math.fsum(prices[j] * -f for j, f in self.flows.items())

@@ -67,12 +67,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from wattmesh.protocols.admm import solve_local_step, standalone_cost
+from wattmesh.protocols.admm import best_net_demand, solve_local_step, standalone_cost
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.rounds import RoundTimer
@@ -247,17 +247,6 @@ def _is_number(value: object) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
-
-
-def _best_net_demand(spec: PeerSpec, grid: tuple[float, float], community_import: float) -> float:
-    """argmin_y C(y) + grid(y − q) over [min, max] for a fixed community import q [kWh]."""
-    q = community_import
-    shifted = replace(
-        spec, cost_linear=spec.cost_linear + spec.cost_quadratic * q,
-        min_kwh=spec.min_kwh - q, max_kwh=spec.max_kwh - q,
-    )  # fmt: skip
-    empty = np.zeros(0)
-    return q + solve_local_step(shifted, grid, empty, empty, empty, empty, empty, empty).net_demand
 
 
 @dataclass(slots=True)
@@ -493,7 +482,7 @@ class GdbPeer:
         if self._grid is None:
             net, grid_import = community_import, 0.0
         else:
-            net = _best_net_demand(self.spec, self._grid, community_import)
+            net = best_net_demand(self.spec, self._grid, community_import)
             grid_import = net - community_import
         payment = self.price * community_import
         fees = math.fsum(self._half_fee[j] * abs(t) for j, t in trades.items())

@@ -120,7 +120,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wattmesh.protocols.admm import _best_net_demand, standalone_cost
+from wattmesh.protocols.admm import best_net_demand, standalone_cost
+from wattmesh.protocols.demand import demand_bounds
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
@@ -135,7 +136,6 @@ __all__ = [
     "NegotiationPeer",
     "NegotiationSettings",
     "create",
-    "demand_bounds",
     "marginal_value",
     "validate_public",
     "validate_settings",
@@ -196,23 +196,6 @@ class Deal:
 
 
 # ---------------------------------------------------------------------- the private model
-def demand_bounds(spec: PeerSpec, price: float) -> tuple[float, float]:
-    """Smallest and largest minimiser of C(y) + price·y on [min, max] [kWh].
-
-    y*(p) = clip((−p − b)/a, min, max) for a > 0; for a linear cost (a = 0) max below
-    p = −b, min above, and the whole interval at p = −b.
-    """
-    a, b = spec.cost_quadratic, spec.cost_linear
-    if a > 0:
-        y = min(max((-price - b) / a, spec.min_kwh), spec.max_kwh)
-        return y, y
-    if price < -b:
-        return spec.max_kwh, spec.max_kwh
-    if price > -b:
-        return spec.min_kwh, spec.min_kwh
-    return spec.min_kwh, spec.max_kwh
-
-
 def _wanted_import(spec: PeerSpec, price: float) -> float:
     """D(p) = max(0, largest y*(p)) [kWh]: community import worth buying at price p."""
     return max(0.0, demand_bounds(spec, price)[1])
@@ -851,7 +834,7 @@ class NegotiationPeer:
     def _settle(self) -> tuple[float, float, float, float, float]:
         """(net, community import, grid import, payment, cost) [kWh, kWh, kWh, currency, currency]."""
         community_import = self._committed()
-        net = _best_net_demand(self.spec, self._grid, community_import)
+        net = best_net_demand(self.spec, self._grid, community_import)
         grid_import = net - community_import
         payment = math.fsum(d.kwh * d.price for d in self.deals)
         fees = math.fsum(0.5 * self._fee[d.counterparty] * abs(d.kwh) for d in self.deals)

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from wattmesh.protocols.admm import standalone_cost
+from wattmesh.protocols.demand import best_net_demand_at_tariff
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
@@ -127,27 +128,6 @@ def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _demand_interval(spec: PeerSpec, price: float) -> tuple[float, float]:
-    """argmin_y C(y) + price·y on [min, max]: a point, or all of it for a linear cost at −b."""
-    a, b = spec.cost_quadratic, spec.cost_linear
-    if a > 0:
-        y = min(max((-price - b) / a, spec.min_kwh), spec.max_kwh)
-        return y, y
-    if price < -b:
-        return spec.max_kwh, spec.max_kwh
-    if price > -b:
-        return spec.min_kwh, spec.min_kwh
-    return spec.min_kwh, spec.max_kwh
-
-
-def _best_net_demand(spec: PeerSpec, buy: float, sell: float, community_import: float) -> float:
-    """argmin_y C(y) + tariff(y − q) for a fixed community import q [kWh], sell ≤ buy.
-
-    y* = max(lo(buy), min(q, hi(sell))) with [lo(p), hi(p)] = argmin C(y) + p·y.
-    """
-    return max(_demand_interval(spec, buy)[0], min(community_import, _demand_interval(spec, sell)[1]))
-
-
 def _grid_cost(buy: float, sell: float, grid_import: float) -> float:
     return buy * max(grid_import, 0.0) - sell * max(-grid_import, 0.0)
 
@@ -165,7 +145,7 @@ def follower_response(spec: PeerSpec, buy: float, sell: float, half_fee: float, 
     can_sell = spec.role != "buyer" and p_sell - half_fee >= sell
     effective_buy = p_buy + half_fee if can_buy else buy
     effective_sell = p_sell - half_fee if can_sell else sell
-    y = _best_net_demand(spec, effective_buy, effective_sell, 0.0)
+    y = best_net_demand_at_tariff(spec, effective_buy, effective_sell, 0.0)
     if (y > 0 and can_buy) or (y < 0 and can_sell):
         return y
     return 0.0
@@ -228,7 +208,7 @@ class _Base:
     def _settle(self, trades: Mapping[str, tuple[float, float]]) -> tuple[float, float, float, float, float]:
         """(net, community import, grid import, payment, cost) for fixed trades."""
         community_import = sum(kwh for kwh, _ in trades.values())
-        net = _best_net_demand(self.spec, self._buy, self._sell, community_import)
+        net = best_net_demand_at_tariff(self.spec, self._buy, self._sell, community_import)
         grid_import = net - community_import
         payment = sum(kwh * price for kwh, price in trades.values())
         fees = sum(0.5 * self._public.fee(self.peer_id, j) * abs(kwh) for j, (kwh, _) in trades.items())
@@ -373,7 +353,7 @@ class StackelbergLeader(_Base):
         """J_L(b, s) from the sampled answers (module docstring)."""
         bought, sold = self._demand[p_buy], self._supply[p_sell]
         q = sold.kwh - bought.kwh
-        y = _best_net_demand(self.spec, self._buy, self._sell, q)
+        y = best_net_demand_at_tariff(self.spec, self._buy, self._sell, q)
         return (
             self.spec.cost(y) + _grid_cost(self._buy, self._sell, y - q)
             + p_sell * sold.kwh - p_buy * bought.kwh + bought.fees + sold.fees

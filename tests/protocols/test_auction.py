@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from reference import social_optimum
 
 from wattmesh.protocols import auction, memory_bus
+from wattmesh.protocols.demand import demand_bounds
 from wattmesh.protocols.errors import ProtocolError, ScenarioError
 from wattmesh.protocols.identity import Roster
 from wattmesh.protocols.mechanism import Outgoing
@@ -619,8 +620,8 @@ def test_orders_stay_within_the_band_and_below_true_demand() -> None:
             for price in [grid.sell_price + i * (grid.buy_price - grid.sell_price) / 50 for i in range(51)]:
                 bid = sum(q for p, q in order.bids if p >= price)
                 ask = sum(q for p, q in order.asks if p <= price)
-                most_bought = auction._demand_interval(spec, price + 0.005)[1]
-                least_kept = auction._demand_interval(spec, price - 0.005)[0]
+                most_bought = demand_bounds(spec, price + 0.005)[1]
+                least_kept = demand_bounds(spec, price - 0.005)[0]
                 assert bid <= max(most_bought, 0.0) + 1e-9, (spec.id, price)
                 assert ask <= max(-least_kept, 0.0) + 1e-9, (spec.id, price)
                 assert spec.role != "buyer" or ask == 0.0

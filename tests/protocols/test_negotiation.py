@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wattmesh.protocols import memory_bus
-from wattmesh.protocols.admm import _best_net_demand, standalone_cost
+from wattmesh.protocols.admm import best_net_demand, standalone_cost
 from wattmesh.protocols.errors import ProtocolError, ScenarioError, StaleRoundError
 from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, create_core
 from wattmesh.protocols.memory_bus import BusResult, run_in_memory
@@ -154,7 +154,7 @@ def test_every_peer_terminates_balanced_at_its_best_response(case: str) -> None:
         # AND y = q + g with q the sum of its trades, y its best response to q, within limits
         assert o.community_import == pytest.approx(sum(kwh for kwh, _ in o.trades.values()), abs=1e-12)
         assert o.net_demand == pytest.approx(o.community_import + o.grid_import, abs=1e-12)
-        assert o.net_demand == _best_net_demand(spec, (grid.buy_price, grid.sell_price), o.community_import)
+        assert o.net_demand == best_net_demand(spec, (grid.buy_price, grid.sell_price), o.community_import)
         assert spec.min_kwh <= o.net_demand <= spec.max_kwh
 
 
