@@ -90,7 +90,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
-from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
+from wattmesh.protocols.mechanism import CoreLifecycle, Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.topology import diameter
 from wattmesh.protocols.wire import Envelope
@@ -302,7 +302,7 @@ class _Pending:
     by_round: dict[int, dict[str, Mapping[str, Any]]] = field(default_factory=dict)
 
 
-class AdmmPeer:
+class AdmmPeer(CoreLifecycle):
     """The ADMM state machine of one peer.
 
     Drive it with :meth:`start`, :meth:`receive` and :meth:`on_timer`; each returns the
@@ -357,14 +357,6 @@ class AdmmPeer:
         self.dual_residual = math.inf
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.failure is not None
-
-    @property
-    def linger_s(self) -> float:
-        return self.settings.neighbour_timeout_s
-
     def start(self, now: float, *, start_grace_s: float = 0.0) -> list[Outgoing]:
         """First local step from zero trades; returns the round-1 message.
 

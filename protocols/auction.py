@@ -87,7 +87,7 @@ import msgpack
 from wattmesh.protocols.admm import standalone_cost
 from wattmesh.protocols.demand import best_net_demand_at_tariff, demand_bounds
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
-from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
+from wattmesh.protocols.mechanism import CoreLifecycle, Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.wire import Envelope
 
@@ -412,7 +412,7 @@ class _Digest:
     held: Mapping[str, tuple[bytes, ...]] | None
 
 
-class AuctionPeer:
+class AuctionPeer(CoreLifecycle):
     """The double-auction state machine of one peer.
 
     Drive it with :meth:`start`, :meth:`receive` and :meth:`on_timer`; each returns the
@@ -477,14 +477,6 @@ class AuctionPeer:
         self.failure: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.failure is not None
-
-    @property
-    def linger_s(self) -> float:
-        return self.settings.neighbour_timeout_s
-
     def start(self, now: float, *, start_grace_s: float = 0.0) -> list[Outgoing]:
         """Broadcast this peer's order.
 

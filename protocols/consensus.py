@@ -84,7 +84,7 @@ from typing import Any
 from wattmesh.protocols.admm import best_net_demand, standalone_cost
 from wattmesh.protocols.demand import demand_bounds
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
-from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
+from wattmesh.protocols.mechanism import CoreLifecycle, Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.rounds import RoundTimer
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.wire import Envelope
@@ -189,7 +189,7 @@ class _Pending:
     by_round: dict[int, dict[str, Mapping[str, Any]]] = field(default_factory=dict)
 
 
-class ConsensusPeer:
+class ConsensusPeer(CoreLifecycle):
     """The consensus state machine of one peer.
 
     Drive it with :meth:`start`, :meth:`receive` and :meth:`on_timer`; each returns the
@@ -237,14 +237,6 @@ class ConsensusPeer:
         self.dual_residual = math.inf  # price disagreement + change [currency/kWh]
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.failure is not None
-
-    @property
-    def linger_s(self) -> float:
-        return self.settings.neighbour_timeout_s
-
     def start(self, now: float, *, start_grace_s: float = 0.0) -> list[Outgoing]:
         """Publish the initial price estimate and tracker (round 1).
 

@@ -74,7 +74,7 @@ import numpy as np
 
 from wattmesh.protocols.admm import best_net_demand, solve_local_step, standalone_cost
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
-from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
+from wattmesh.protocols.mechanism import CoreLifecycle, Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.rounds import RoundTimer
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.wire import Envelope
@@ -255,7 +255,7 @@ class _Pending:
 
 
 # ---------------------------------------------------------------------- the core
-class GdbPeer:
+class GdbPeer(CoreLifecycle):
     """The generalized-demand-bidding state machine of one peer.
 
     It listens to every other peer (a pool market). Drive it with :meth:`start`,
@@ -316,14 +316,6 @@ class GdbPeer:
         self.price_change = math.inf  # [currency/kWh]
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.failure is not None
-
-    @property
-    def linger_s(self) -> float:
-        return self.settings.neighbour_timeout_s
-
     def start(self, now: float, *, start_grace_s: float = 0.0) -> list[Outgoing]:
         """Publish the round-1 bid, the best response against the initial proposal.
 

@@ -29,6 +29,7 @@ from wattmesh.protocols.wire import Envelope
 
 __all__ = [
     "MECHANISM_MODULES",
+    "CoreLifecycle",
     "MarketCore",
     "Outgoing",
     "PeerOutcome",
@@ -90,6 +91,24 @@ class PeerOutcome:
             "trades": {j: [kwh, price] for j, (kwh, price) in self.trades.items()},
             "excluded": list(self.excluded),
         }
+
+
+class CoreLifecycle:
+    """What every core means by finished and by lingering, in one place: done once it
+    has an outcome or a failure; after finishing it stays ``neighbour_timeout_s`` for
+    neighbours that still need a re-send."""
+
+    outcome: PeerOutcome | None
+    failure: str | None
+    settings: Any  # the mechanism's settings, with neighbour_timeout_s
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None or self.failure is not None
+
+    @property
+    def linger_s(self) -> float:
+        return float(self.settings.neighbour_timeout_s)
 
 
 class MarketCore(Protocol):

@@ -123,7 +123,7 @@ from typing import Any
 from wattmesh.protocols.admm import best_net_demand, standalone_cost
 from wattmesh.protocols.demand import demand_bounds
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
-from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
+from wattmesh.protocols.mechanism import CoreLifecycle, Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.wire import Envelope
 
@@ -275,7 +275,7 @@ class _Quotes:
     asks: list[float] = field(default_factory=list)
 
 
-class NegotiationPeer:
+class NegotiationPeer(CoreLifecycle):
     """The negotiation state machine of one peer.
 
     Drive it with :meth:`start`, :meth:`receive` and :meth:`on_timer`; each returns the
@@ -336,14 +336,6 @@ class NegotiationPeer:
         self.failure: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.failure is not None
-
-    @property
-    def linger_s(self) -> float:
-        return self.settings.neighbour_timeout_s
-
     def start(self, now: float, *, start_grace_s: float = 0.0) -> list[Outgoing]:
         """Quote for round 1; with no neighbour at all, settle with the grid at once.
 

@@ -64,7 +64,7 @@ from typing import Any, TypeGuard
 from wattmesh.protocols.admm import standalone_cost
 from wattmesh.protocols.demand import best_net_demand_at_tariff
 from wattmesh.protocols.errors import ProtocolError, StaleRoundError
-from wattmesh.protocols.mechanism import Outgoing, PeerOutcome, settings_from_mapping
+from wattmesh.protocols.mechanism import CoreLifecycle, Outgoing, PeerOutcome, settings_from_mapping
 from wattmesh.protocols.scenario import PeerSpec, PublicScenario
 from wattmesh.protocols.wire import Envelope
 
@@ -159,7 +159,7 @@ class _Sample:
     fees: float
 
 
-class _Base:
+class _Base(CoreLifecycle):
     """Lifecycle and timers shared by the leader and follower cores."""
 
     def __init__(self, spec: PeerSpec, public: PublicScenario, settings: StackelbergSettings) -> None:
@@ -179,14 +179,6 @@ class _Base:
         self.failure: str | None = None
         self._last_prices = (math.nan, math.nan)
         self._last_position = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.failure is not None
-
-    @property
-    def linger_s(self) -> float:
-        return self.settings.neighbour_timeout_s
 
     def _resend_interval(self) -> float:
         """round_timeout_s · 2^(re-sends since the last progress) [s]: exponential backoff."""
