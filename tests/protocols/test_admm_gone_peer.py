@@ -92,6 +92,17 @@ class EventNetwork:
             heapq.heappush(self.events, (self.now + LATENCY, self.order, other, pid))
 
 
+def waiting_for_c_in_round_one(name: str, start_grace_s: float = 0.0) -> AdmmPeer:
+    """Peer h000 of a triangle, started at t = 0 and holding h001's round 1 (at 0.1 s):
+    it waits for h002 alone."""
+    net = EventNetwork(parse_scenario(random_community(3, 4, name=name, admm=ADMM)))
+    a = net.cores["h000"]
+    b_first = net.cores["h001"].start(0.0)
+    a.start(0.0, start_grace_s=start_grace_s)
+    a.receive(Envelope(ROUND_TYPE, "h001", name, "s", 1, 0, b_first[0].body), 0.1)
+    return a
+
+
 @pytest.mark.parametrize(
     ("n", "seed", "degree", "victim", "dies_after"),
     [(8, 3, None, "h005", 4), (12, 5, 4, "h007", 6), (6, 2, None, "h000", 1)],
@@ -185,11 +196,7 @@ def test_a_live_but_stuck_neighbour_is_waited_for_then_the_session_fails_at_twic
 
 def test_a_neighbour_silent_since_the_start_is_excluded_after_the_start_grace() -> None:
     # GIVEN a triangle where c passed the start barrier but never sends round 1
-    net = EventNetwork(parse_scenario(random_community(3, 4, name="mute", admm=ADMM)))
-    a = net.cores["h000"]
-    b_first = net.cores["h001"].start(0.0)
-    a.start(0.0, start_grace_s=60.0)
-    a.receive(Envelope(ROUND_TYPE, "h001", "mute", "s", 1, 0, b_first[0].body), 0.1)
+    a = waiting_for_c_in_round_one("mute", start_grace_s=60.0)
     # THEN a waits the grace and one timeout before giving c (offline) up ...
     a.neighbours_offline({"h002"})
     a.on_timer(60.0 + TIMEOUT - 0.1)
@@ -203,11 +210,7 @@ def test_a_neighbour_silent_since_the_start_is_excluded_after_the_start_grace() 
 def test_a_silent_neighbour_that_reported_finished_without_us_and_the_session_fails() -> None:
     # GIVEN a triangle where c has published its report (it left the market) and then
     # falls silent while a still waits for its round 1 (e.g. c excluded a as a liar)
-    net = EventNetwork(parse_scenario(random_community(3, 4, name="left", admm=ADMM)))
-    a = net.cores["h000"]
-    b_first = net.cores["h001"].start(0.0)
-    a.start(0.0)
-    a.receive(Envelope(ROUND_TYPE, "h001", "left", "s", 1, 0, b_first[0].body), 0.1)
+    a = waiting_for_c_in_round_one("left")
     a.neighbour_finished("h002")
     a.neighbour_finished("nobody")  # not a neighbour: ignored
     # WHEN the neighbour timeout passes
@@ -219,11 +222,7 @@ def test_a_silent_neighbour_that_reported_finished_without_us_and_the_session_fa
 
 def test_silence_while_our_own_connection_was_down_does_not_make_a_neighbour_gone() -> None:
     # GIVEN a triangle where a completed nothing since t = 0 and c has been silent
-    net = EventNetwork(parse_scenario(random_community(3, 4, name="deaf", admm=ADMM)))
-    a = net.cores["h000"]
-    b_first = net.cores["h001"].start(0.0)
-    a.start(0.0)
-    a.receive(Envelope(ROUND_TYPE, "h001", "deaf", "s", 1, 0, b_first[0].body), 0.1)
+    a = waiting_for_c_in_round_one("deaf")
     # WHEN a's broker connection was down until t = 25 s (the shell says so), c offline
     a.neighbours_offline({"h002"})
     a.deaf_until(25.0)
@@ -242,11 +241,7 @@ def test_silence_while_our_own_connection_was_down_does_not_make_a_neighbour_gon
 def test_a_silent_neighbour_that_is_still_online_is_not_gone() -> None:
     # GIVEN a triangle where c is silent since the start but its presence says online
     # (an overloaded host, or its messages wait unread in a's own backlog)
-    net = EventNetwork(parse_scenario(random_community(3, 4, name="busy", admm=ADMM)))
-    a = net.cores["h000"]
-    b_first = net.cores["h001"].start(0.0)
-    a.start(0.0)
-    a.receive(Envelope(ROUND_TYPE, "h001", "busy", "s", 1, 0, b_first[0].body), 0.1)
+    a = waiting_for_c_in_round_one("busy")
     a.neighbours_offline(set())
     # THEN the shell is asked to look up c's presence only once the round is overdue
     assert a.silent_neighbours(TIMEOUT - 0.1) == []
